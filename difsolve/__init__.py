@@ -1,0 +1,72 @@
+"""difsolve: numerical SDE/ODE solvers for diffusion and score-based generative models.
+
+Data flows one way: a **process** (how data was noised) and a **field** (the score of the noised
+data) make **dynamics** (reverse SDE or probability-flow ODE); a **solver** advances dynamics by one
+step; :func:`solve` drives any solver with a step schedule or controller. :func:`sample` is a thin
+recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
+"""
+
+from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
+from .brownian import BrownianPath
+from .control import SCHEDULES, PIController
+from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
+from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
+from .integrate import Solution, Stats, Status, solve
+from .processes import EDM, VE, VP, Process, SubVP
+from .sample import sample
+from .solvers import (
+    RK4,
+    Bosh3,
+    ButcherTableau,
+    Dopri5,
+    DPMSolver,
+    EDMStochasticHeun,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    Midpoint,
+    Solver,
+    StochasticHeun,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EDM",
+    "RK4",
+    "SCHEDULES",
+    "VE",
+    "VP",
+    "ArgumentTypeError",
+    "Bosh3",
+    "BrownianPath",
+    "ButcherTableau",
+    "DPMSolver",
+    "Denoiser",
+    "DifsolveError",
+    "Dopri5",
+    "EDMStochasticHeun",
+    "Euler",
+    "EulerMaruyama",
+    "GaussianMixture",
+    "GaussianMixtureField",
+    "Heun",
+    "IncompatibleError",
+    "InvalidArgumentError",
+    "LogSigmaTime",
+    "Midpoint",
+    "PIController",
+    "ProbabilityFlowODE",
+    "Process",
+    "ReverseSDE",
+    "ScoreField",
+    "ScoreNetwork",
+    "Solution",
+    "Solver",
+    "Stats",
+    "Status",
+    "StochasticHeun",
+    "SubVP",
+    "sample",
+    "solve",
+]

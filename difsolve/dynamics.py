@@ -1,0 +1,122 @@
+r"""Dynamics built from a score field, and the time changes the solvers may integrate in.
+
+* :class:`ProbabilityFlowODE`: ``dx/dt = f(t) x - g(t)^2 s(x, t) / 2`` (Song et al. 2021, eq. 13).
+  With the EDM process this is ``dx/dsigma = (x - D(x, sigma)) / sigma``.
+* :class:`ReverseSDE`: ``dx = [f(t) x - g(t)^2 s(x, t)] dt + g(t) dw_bar``, integrated backwards
+  in time (``dt < 0``, the Brownian increment has variance ``|dt|``); additive noise.
+* :class:`LogSigmaTime`: any of the above (or a user's dynamics with a ``process``) in the time
+  variable ``u = log sigma(t)``, in which probability-flow trajectories are smooth at every noise
+  level: ``dx/du = drift(x, t(u)) dt/du`` and, for SDEs, ``g_u = g sqrt(|dt/du|)``.
+
+Solvers integrate any object with ``drift(x, t)`` (and ``diffusion(t)`` plus ``noise`` for SDEs);
+these classes are the ones difsolve builds for you.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._errors import IncompatibleError
+from ._tensor import bcast
+from .fields.base import check_field, denoise, is_exact
+
+__all__ = ["LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE", "is_sde"]
+
+
+def is_sde(dynamics) -> bool:
+    """Whether ``dynamics`` has a diffusion term."""
+    return callable(getattr(dynamics, "diffusion", None))
+
+
+class ProbabilityFlowODE:
+    """Probability-flow ODE ``dx/dt = f(t) x - g(t)^2 s(x, t) / 2`` of a score field."""
+
+    def __init__(self, field):
+        check_field(field)
+        self.field = field
+        self.process = field.process
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        f = self.process.drift_coef(t)
+        g2 = self.process.g2(t)
+        return bcast(f, x) * x - 0.5 * bcast(g2, x) * self.field(x, t)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Data prediction ``E[x0 | x_t]`` of the field (used by exponential integrators)."""
+        return denoise(self.field, x, t)
+
+    def __repr__(self) -> str:
+        return f"ProbabilityFlowODE({self.field!r})"
+
+
+class ReverseSDE:
+    """Reverse-time SDE ``dx = [f x - g^2 s] dt + g dw_bar`` (Anderson 1982; Song et al. 2021).
+
+    Refuses pseudo-score fields (``exact_score=False``): their reverse SDE does not have the data
+    marginals.
+    """
+
+    noise = "additive"
+
+    def __init__(self, field):
+        check_field(field)
+        if not is_exact(field):
+            raise IncompatibleError(
+                "argument `field` has exact_score=False (a pseudo-score, e.g. a finite-D PFGM++ "
+                "field): the reverse SDE needs a true score; use an ODE solver instead")
+        if not field.process.has_sde:
+            raise IncompatibleError(
+                f"argument `field`: its process {type(field.process).__name__} has no SDE")
+        self.field = field
+        self.process = field.process
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        f = self.process.drift_coef(t)
+        g2 = self.process.g2(t)
+        return bcast(f, x) * x - bcast(g2, x) * self.field(x, t)
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        return self.process.g2(t).sqrt()
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoise(self.field, x, t)
+
+    def __repr__(self) -> str:
+        return f"ReverseSDE({self.field!r})"
+
+
+class LogSigmaTime:
+    """``dynamics`` re-parametrised in ``u = log sigma(t)`` of its ``process``.
+
+    ``drift_u(x, u) = drift(x, t(u)) / (d log sigma / dt)``; for SDEs
+    ``diffusion_u(u) = diffusion(t(u)) / sqrt(|d log sigma / dt|)`` (a deterministic time change of
+    an Ito SDE). :meth:`to_u` and :meth:`to_t` convert times.
+    """
+
+    def __init__(self, dynamics, process=None):
+        process = process if process is not None else getattr(dynamics, "process", None)
+        if process is None:
+            raise IncompatibleError(
+                "argument `time_variable`: 'log_sigma' needs dynamics with a `process` attribute")
+        self.inner, self.process = dynamics, process
+        self.field = getattr(dynamics, "field", None)
+        if is_sde(dynamics):
+            self.noise = getattr(dynamics, "noise", "additive")
+            self.diffusion = self._diffusion
+
+    def to_u(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.process.sigma(t))
+
+    def to_t(self, u: torch.Tensor) -> torch.Tensor:
+        return self.process.t_of_sigma(torch.exp(u))
+
+    def _dudt(self, t: torch.Tensor) -> torch.Tensor:
+        return self.process.dsigma_dt(t) / self.process.sigma(t)
+
+    def drift(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        t = self.to_t(u)
+        return self.inner.drift(x, t) / bcast(self._dudt(t), x)
+
+    def _diffusion(self, u: torch.Tensor) -> torch.Tensor:
+        t = self.to_t(u)
+        return self.inner.diffusion(t) / self._dudt(t).abs().sqrt()

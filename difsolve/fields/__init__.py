@@ -1,0 +1,16 @@
+"""Score fields: the ScoreField protocol and its adapters."""
+
+from .base import ScoreField, check_field, denoise, is_exact
+from .gaussian_mixture import GaussianMixture, GaussianMixtureField
+from .network import Denoiser, ScoreNetwork
+
+__all__ = [
+    "Denoiser",
+    "GaussianMixture",
+    "GaussianMixtureField",
+    "ScoreField",
+    "ScoreNetwork",
+    "check_field",
+    "denoise",
+    "is_exact",
+]

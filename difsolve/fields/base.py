@@ -1,0 +1,52 @@
+"""The :class:`ScoreField` protocol: a process plus a score function of ``(x, t)``."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .._errors import ArgumentTypeError
+from .._tensor import bcast
+from ..parametrization import x0_from_score
+from ..processes import Process
+
+__all__ = ["ScoreField", "check_field", "denoise"]
+
+
+@runtime_checkable
+class ScoreField(Protocol):
+    """Anything with a ``process`` and ``__call__(x, t) -> score`` (same shape as ``x``).
+
+    ``t`` is a per-sample ``(B,)`` tensor. Rows must be treated independently: the library may
+    call the field on any subset of rows. An optional attribute ``exact_score`` (default True) is
+    False for pseudo-scores (finite-D PFGM++ fields), which SDE solvers and Langevin correctors
+    refuse.
+    """
+
+    process: Process
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_field(field, name: str = "field") -> None:
+    """Raise unless ``field`` satisfies the :class:`ScoreField` protocol."""
+    if not isinstance(field, ScoreField) or not isinstance(field.process, Process):
+        raise ArgumentTypeError(
+            f"argument `{name}` must be a ScoreField (an object with a `process` attribute that is "
+            f"a difsolve Process and a `__call__(x, t)`), got {type(field).__name__}"
+        )
+
+
+def is_exact(field) -> bool:
+    """Whether the field returns a true score (``exact_score`` attribute, default True)."""
+    return bool(getattr(field, "exact_score", True))
+
+
+def denoise(field, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any)."""
+    own = getattr(field, "denoise", None)
+    if own is not None:
+        return own(x, t)
+    a, b = field.process.marginal(t)
+    return x0_from_score(field(x, t), x, bcast(a, x), bcast(b, x))

@@ -1,0 +1,24 @@
+"""Solvers: explicit Runge-Kutta tableaux, SDE schemes and exponential integrators."""
+
+from .base import Solver, Step, StepContext
+from .exponential import DPMSolver
+from .runge_kutta import RK4, Bosh3, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint
+from .sde import EDMStochasticHeun, EulerMaruyama, StochasticHeun
+
+__all__ = [
+    "RK4",
+    "Bosh3",
+    "ButcherTableau",
+    "DPMSolver",
+    "Dopri5",
+    "EDMStochasticHeun",
+    "Euler",
+    "EulerMaruyama",
+    "ExplicitRK",
+    "Heun",
+    "Midpoint",
+    "Solver",
+    "Step",
+    "StepContext",
+    "StochasticHeun",
+]

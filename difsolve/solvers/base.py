@@ -1,0 +1,125 @@
+"""The solver interface: a small immutable object that knows one step and its orders.
+
+A solver advances ``x`` from per-sample time ``t`` by a per-sample step ``h`` (both ``(B,)``)::
+
+    state, nfe = solver.init(dynamics, x, t, ctx)
+    step = solver.step(dynamics, x, t, h, state, dw, ctx)   # -> Step(x, error, state, nfe)
+
+``state`` is a tuple of tensors whose first dimension is the batch (e.g. the FSAL derivative of
+Dopri5, or the history of a multistep method); the loop keeps it for accepted samples and rolls it
+back for rejected ones, and may select rows of it. ``dw`` is the Brownian increment over the step
+(SDE solvers only). Solvers contain no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .._errors import IncompatibleError
+from ..dynamics import is_sde
+
+__all__ = ["Solver", "Step", "StepContext"]
+
+State = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Step:
+    """Result of one step: new state, embedded error estimate (or None), solver state, NFE."""
+
+    x: torch.Tensor
+    error: torch.Tensor | None
+    state: State
+    nfe: int
+
+
+@dataclass
+class StepContext:
+    """What the loop tells a solver about the solve (all host-side values, no tensors)."""
+
+    generator: torch.Generator | None = None
+    n_steps: int | None = None  # number of steps of a fixed grid, None when adaptive
+    index: int = 0  # index of the current step on a fixed grid
+    final_sigma_zero: bool = False  # the grid ends at sigma = 0 (EDM's last Euler step)
+    extras: dict = field(default_factory=dict)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+
+class Solver:
+    """Base class. Subclasses set the capability attributes and implement :meth:`step`.
+
+    Attributes:
+        order: convergence order on ODEs (None for SDE-only solvers).
+        strong_order, weak_order: orders on SDEs with additive noise (None for ODE solvers).
+        stages: drift evaluations per step (without FSAL reuse).
+        adaptive: has an embedded error estimate (usable with a step controller).
+        stochastic: draws random numbers.
+        sde: integrates SDE dynamics (needs Brownian increments and a ``diffusion``).
+        noise_types: SDE noise types supported.
+        native_time: integrates in the dynamics' own time ``t`` (never re-parametrised).
+    """
+
+    order: float | None = None
+    strong_order: float | None = None
+    weak_order: float | None = None
+    stages: int = 1
+    adaptive: bool = False
+    stochastic: bool = False
+    sde: bool = False
+    noise_types: tuple[str, ...] = ()
+    native_time: bool = False
+
+    @property
+    def error_order(self) -> float:
+        """Order ``k`` of the local error estimate: step factors scale as ``ratio^(-1/k)``."""
+        if self.sde:
+            return float(self.strong_order) + 0.5
+        return float(self.order)
+
+    def check_dynamics(self, dynamics) -> None:
+        """Raise :class:`IncompatibleError` if this solver cannot integrate ``dynamics``."""
+        name = type(self).__name__
+        if not callable(getattr(dynamics, "drift", None)):
+            raise IncompatibleError(f"argument `dynamics` must have a drift(x, t) method ({name})")
+        if self.sde and not is_sde(dynamics):
+            raise IncompatibleError(
+                f"argument `solver`: {name} is an SDE solver but the dynamics have no diffusion "
+                "(an ODE); use an ODE solver such as Heun() or Dopri5()")
+        if not self.sde and is_sde(dynamics):
+            raise IncompatibleError(
+                f"argument `solver`: {name} is an ODE solver but the dynamics are an SDE; use "
+                "EulerMaruyama() or StochasticHeun(), or integrate the ProbabilityFlowODE")
+        if self.sde:
+            noise = getattr(dynamics, "noise", "additive")
+            if noise not in self.noise_types:
+                raise IncompatibleError(
+                    f"argument `solver`: {name} supports noise {self.noise_types}, the dynamics "
+                    f"have noise={noise!r}")
+
+    def init(self, dynamics, x: torch.Tensor, t: torch.Tensor,
+             ctx: StepContext) -> tuple[State, int]:
+        """Initial solver state and the NFE it cost."""
+        return (), 0
+
+    def step(self, dynamics, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, state: State,
+             dw: torch.Tensor | None, ctx: StepContext) -> Step:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+def diffusion_term(dynamics, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``g`` broadcast against ``x``: ``diffusion(t)`` for additive noise, ``(x, t)`` for diagonal."""
+    if getattr(dynamics, "noise", "additive") == "diagonal":
+        g = dynamics.diffusion(x, t)
+    else:
+        g = dynamics.diffusion(t)
+    if g.ndim == 1 and x.ndim > 1:
+        g = g.reshape(-1, *([1] * (x.ndim - 1)))
+    return g
