@@ -16,6 +16,7 @@ from .processes import EDM, VE, VP, Process, SubVP
 from .sample import sample
 from .solvers import (
     RK4,
+    AnnealedLangevin,
     Bosh3,
     ButcherTableau,
     Dopri5,
@@ -24,9 +25,11 @@ from .solvers import (
     Euler,
     EulerMaruyama,
     Heun,
+    Langevin,
     Midpoint,
     Solver,
     StochasticHeun,
+    annealed_langevin,
 )
 
 __version__ = "0.1.0"
@@ -37,6 +40,7 @@ __all__ = [
     "SCHEDULES",
     "VE",
     "VP",
+    "AnnealedLangevin",
     "ArgumentTypeError",
     "Bosh3",
     "BrownianPath",
@@ -53,6 +57,7 @@ __all__ = [
     "Heun",
     "IncompatibleError",
     "InvalidArgumentError",
+    "Langevin",
     "LogSigmaTime",
     "Midpoint",
     "PIController",
@@ -67,6 +72,7 @@ __all__ = [
     "Status",
     "StochasticHeun",
     "SubVP",
+    "annealed_langevin",
     "sample",
     "solve",
 ]

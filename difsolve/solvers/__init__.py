@@ -2,11 +2,13 @@
 
 from .base import Solver, Step, StepContext
 from .exponential import DPMSolver
+from .langevin import AnnealedLangevin, Langevin, annealed_langevin
 from .runge_kutta import RK4, Bosh3, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint
 from .sde import EDMStochasticHeun, EulerMaruyama, StochasticHeun
 
 __all__ = [
     "RK4",
+    "AnnealedLangevin",
     "Bosh3",
     "ButcherTableau",
     "DPMSolver",
@@ -16,9 +18,11 @@ __all__ = [
     "EulerMaruyama",
     "ExplicitRK",
     "Heun",
+    "Langevin",
     "Midpoint",
     "Solver",
     "Step",
     "StepContext",
     "StochasticHeun",
+    "annealed_langevin",
 ]
