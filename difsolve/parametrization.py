@@ -18,7 +18,7 @@ import torch
 
 from ._errors import check
 
-__all__ = ["PREDICTIONS", "eps_from_score", "score_from", "x0_from_score"]
+__all__ = ["PREDICTIONS", "eps_from_score", "score_from", "v_from_score", "x0_from_score"]
 
 PREDICTIONS = ("score", "eps", "x0", "v")
 

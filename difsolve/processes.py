@@ -17,15 +17,16 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ._errors import check, check_positive
+from ._errors import check, check_positive, check_tensor
 from ._tensor import TimeLike, flat_sum
 
 __all__ = ["EDM", "VE", "VP", "Process", "SubVP"]
 
 
 def _t(t: TimeLike, ref: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` as a tensor (on the device and dtype of ``ref`` when given)."""
     if isinstance(t, torch.Tensor):
-        return t
+        return t if ref is None else t.to(device=ref.device, dtype=ref.dtype)
     if ref is not None:
         return torch.as_tensor(float(t), device=ref.device, dtype=ref.dtype)
     return torch.as_tensor(float(t), dtype=torch.get_default_dtype())
@@ -70,11 +71,13 @@ class Process(ABC):
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigma(self.t_min))
+        """``sigma(t_min)`` (evaluated in float64)."""
+        return float(self.sigma(torch.tensor(self.t_min, dtype=torch.float64)))
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigma(self.t_max))
+        """``sigma(t_max)`` (evaluated in float64)."""
+        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
 
     # ----- forward SDE --------------------------------------------------------------------
     @abstractmethod
@@ -96,12 +99,18 @@ class Process(ABC):
 
     # ----- prior --------------------------------------------------------------------------
     def prior_sample(self, shape, *, generator=None, device=None, dtype=None) -> torch.Tensor:
-        """Draw from the prior ``N(0, prior_std^2 I)`` of shape ``shape = (B, ...)``."""
+        """Draw from the prior ``N(0, prior_std^2 I)`` of shape ``shape = (B, ...)``.
+
+        ``device`` defaults to the generator's device (CPU without a generator).
+        """
+        if device is None and generator is not None:
+            device = generator.device
         z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
         return self.prior_std * z
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density of the prior at ``x``, shape ``(B,)``."""
+        check_tensor(x, "x")
         d = x[0].numel()
         s2 = self.prior_std**2
         return -0.5 * flat_sum(x.square()) / s2 - 0.5 * d * math.log(2 * math.pi * s2)
@@ -219,10 +228,8 @@ class SubVP(VP):
         return b / a
 
     def t_of_sigma(self, sigma):
-        s = _t(sigma)
-        # a solves a^2 + s a - 1 = 0
-        a = 2.0 / (s + torch.sqrt(s.square() + 4.0))
-        return self._t_of_int_beta(-2.0 * torch.log(a))
+        # sigma = 1/a - a = 2 sinh(int_beta / 2); asinh avoids the cancellation of log(a ~ 1)
+        return self._t_of_int_beta(2.0 * torch.asinh(0.5 * _t(sigma)))
 
     def dsigma_dt(self, t):
         a, _ = self.marginal(t)
