@@ -12,6 +12,7 @@ from .control import SCHEDULES, PIController
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
 from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
 from .integrate import Solution, Stats, Status, solve
+from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
 from .processes import EDM, VE, VP, Process, SubVP
 from .sample import sample
 from .solvers import (
@@ -52,12 +53,15 @@ __all__ = [
     "EDMStochasticHeun",
     "Euler",
     "EulerMaruyama",
+    "ExactTrace",
     "GaussianMixture",
     "GaussianMixtureField",
     "Heun",
+    "Hutchinson",
     "IncompatibleError",
     "InvalidArgumentError",
     "Langevin",
+    "LogLikelihood",
     "LogSigmaTime",
     "Midpoint",
     "PIController",
@@ -73,6 +77,7 @@ __all__ = [
     "StochasticHeun",
     "SubVP",
     "annealed_langevin",
+    "log_likelihood",
     "sample",
     "solve",
 ]
