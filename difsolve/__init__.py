@@ -13,6 +13,7 @@ from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
 from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
 from .integrate import Solution, Stats, Status, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
+from .poisson import Poisson, PoissonField
 from .processes import EDM, VE, VP, Process, SubVP
 from .sample import sample
 from .solvers import (
@@ -65,6 +66,8 @@ __all__ = [
     "LogSigmaTime",
     "Midpoint",
     "PIController",
+    "Poisson",
+    "PoissonField",
     "ProbabilityFlowODE",
     "Process",
     "ReverseSDE",
