@@ -167,6 +167,12 @@ def test_mixture_bad_calls(call, exc, name):
      ds.InvalidArgumentError, "t"),
     (lambda: par.score_from("noise", *([torch.ones(1)] * 4)), ds.InvalidArgumentError,
      "predicts"),
+    (lambda: ds.ScoreNetwork(lambda x, t: x[:, :1], ds.VP())(torch.zeros(2, 3), 0.5),
+     ds.InvalidArgumentError, "model"),
+    (lambda: ds.ScoreNetwork(lambda x, t: x.numpy(), ds.VP(), "eps")(torch.zeros(2, 3), 0.5),
+     ds.ArgumentTypeError, "model"),
+    (lambda: ds.Denoiser(lambda x, s: s, ds.EDM())(torch.zeros(2, 3), 0.5),
+     ds.InvalidArgumentError, "model"),
 ])
 def test_network_bad_inputs(call, exc, name):
     with raises(exc, name):

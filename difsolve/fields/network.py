@@ -25,6 +25,14 @@ def _check_common(model, process):
     check(isinstance(process, Process), "process", "a difsolve Process", process)
 
 
+def _check_output(out, x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise ArgumentTypeError(
+            f"argument `model` must return a torch.Tensor, got {type(out).__name__}")
+    check(out.shape == x.shape, "model", f"to return a tensor of the shape of x {tuple(x.shape)}",
+          tuple(out.shape))
+
+
 class ScoreNetwork:
     """A network ``model(x, time_input(t))`` exposed as a score field.
 
@@ -51,6 +59,7 @@ class ScoreNetwork:
     def __call__(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         t = as_time(t, x)
         out = self.model(x, t if self.time_input is None else self.time_input(t))
+        _check_output(out, x)
         if self.predicts == "score":
             return out
         a, b = self.process.marginal(t)
@@ -77,7 +86,9 @@ class Denoiser:
         """The model's ``x0`` prediction at ``(x, t)``."""
         t = as_time(t, x)
         a, b = self.process.marginal(t)
-        return self.model(x / bcast(a, x), b / a)
+        out = self.model(x / bcast(a, x), b / a)
+        _check_output(out, x)
+        return out
 
     def __call__(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         t = as_time(t, x)
