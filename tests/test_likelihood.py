@@ -179,60 +179,70 @@ def _gaussian_case(d=8, seed=21):
     return flow, process, big_a
 
 
-@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
-def test_hutchinson_per_probe_exact_and_variance(noise):
-    """Each row's estimate is e^T A e for its own probe (even when the loop drops finished rows),
-    the mean is unbiased, the reported stderr matches the spread, and the variance is the formula."""
+@pytest.fixture(scope="module")
+def hutchinson_runs():
+    """Two-probe Hutchinson runs (Rademacher and Gaussian) on a rotated anisotropic Gaussian
+    (d = 8), one eighth of the rows pushed far out so that rows finish at different steps."""
     flow, process, big_a = _gaussian_case()
-    d, n, k = flow.dim, 384, 2
-    gen = torch.Generator().manual_seed(1)
-    x = flow.sample(n, process.t_min, gen)
-    x[: n // 8] *= 6.0  # far-out rows take different step counts: the loop drops rows
-    trace = ds.Hutchinson(probes=k, noise=noise)
-    res = ds.log_likelihood(flow.field, x, trace=trace,
-                            generator=torch.Generator().manual_seed(2))
+    n, k = 256, 2
+    x = flow.sample(n, process.t_min, torch.Generator().manual_seed(1))
+    x[: n // 8] *= 6.0
+    runs = {}
+    for noise in ("rademacher", "gaussian"):
+        trace = ds.Hutchinson(probes=k, noise=noise)
+        res = ds.log_likelihood(flow.field, x, trace=trace,
+                                generator=torch.Generator().manual_seed(2))
+        probes = trace.draw((n, k * flow.dim), generator=torch.Generator().manual_seed(2),
+                            device="cpu", dtype=F64).reshape(n, k, flow.dim)
+        runs[noise] = (res, probes)
+    return flow, process, big_a, x, k, runs
+
+
+def _variance_formula(big_a, noise, k):
+    fro2 = float(big_a.square().sum())
+    diag2 = float(big_a.diagonal().square().sum()) if noise == "rademacher" else 0.0
+    return 2 * (fro2 - diag2) / k
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_per_probe_exact_and_variance(hutchinson_runs, noise):
+    """Each row's estimate is e^T A e for its own probe (even though the loop drops finished
+    rows), the mean is unbiased, and the spread and the reported stderr match the formula."""
+    flow, process, big_a, x, k, runs = hutchinson_runs
+    res, probes = runs[noise]
     assert res.stats.steps.unique().numel() > 1  # rows finished at different steps
-    probes = trace.draw((n, k * d), generator=torch.Generator().manual_seed(2), device="cpu",
-                        dtype=F64).reshape(n, k, d)
     quad = torch.einsum("nki,ij,nkj->nk", probes, big_a, probes)
     assert (res.delta_log_prob - quad).abs().max() < 2e-4
-    # unbiased: per-row error = mean of k probes' (e^T A e - tr A)
-    exact = mix_free_exact(flow, x, res, process)
-    err = res.log_prob - exact
-    var_formula = 2 * (big_a.square().sum() - (big_a.diagonal().square().sum()
-                                                 if noise == "rademacher" else 0.0)) / k
-    se = math.sqrt(float(var_formula) / n)
-    assert abs(float(err.mean())) < 3 * se
-    emp_var = float(err.var())
-    assert 0.75 < emp_var / float(var_formula) < 1.33, (emp_var, float(var_formula))
-    # reported stderr: mean of stderr^2 estimates Var(log_prob)
-    assert 0.75 < float(res.stderr.square().mean()) / emp_var < 1.33
-
-
-def mix_free_exact(flow, x, res, process):
-    """Closed-form ``log p_{t_min}(x)`` with the prior substitution of the returned latent."""
-    log_det = flow.log_det(x, process.t_min, process.t_max)
-    # exact latent: the closed-form flow; prior at it
+    # closed form log p_{t_min}(x) with the prior at the exact latent
     latent = flow.flow(x, process.t_min, process.t_max)
     assert (latent - res.latent).abs().max() < 1e-3
-    return process.prior_log_prob(latent) + log_det
+    exact = process.prior_log_prob(latent) + flow.log_det(x, process.t_min, process.t_max)
+    err = res.log_prob - exact
+    var = _variance_formula(big_a, noise, k)
+    assert abs(float(err.mean())) < 3 * math.sqrt(var / x.shape[0])  # unbiased
+    emp_var = float(err.var())
+    assert 0.7 < emp_var / var < 1.4, (emp_var, var)
+    # the reported stderr^2 (the probes' spread) estimates Var(log_prob)
+    assert 0.65 < float(res.stderr.square().mean()) / emp_var < 1.5
 
 
-def test_rademacher_beats_gaussian_on_rotated_data():
-    flow, process, big_a = _gaussian_case(seed=33)
-    n = 256
-    x = flow.sample(n, process.t_min, torch.Generator().manual_seed(3))
-    spreads = {}
-    for noise in ("rademacher", "gaussian"):
-        res = ds.log_likelihood(flow.field, x, trace=ds.Hutchinson(1, noise),
-                                generator=torch.Generator().manual_seed(4))
-        assert torch.isnan(res.stderr).all()  # one probe: no spread to report
-        spreads[noise] = float(res.delta_log_prob[:, 0].var())
-    fro2 = float(big_a.square().sum())
-    diag2 = float(big_a.diagonal().square().sum())
-    assert spreads["rademacher"] < 0.5 * spreads["gaussian"]
-    assert 0.7 < spreads["gaussian"] / (2 * fro2) < 1.4
-    assert 0.7 < spreads["rademacher"] / (2 * (fro2 - diag2)) < 1.4
+def test_rademacher_beats_gaussian_on_rotated_data(hutchinson_runs):
+    _, _, big_a, _, k, runs = hutchinson_runs
+    # A does not depend on x here, so the spread of the integrated divergence is the estimator's
+    spread = {noise: float(res.delta_log_prob.mean(dim=1).var()) for noise, (res, _) in runs.items()}
+    assert _variance_formula(big_a, "rademacher", k) < 0.5 * _variance_formula(big_a,
+                                                                              "gaussian", k)
+    assert spread["rademacher"] < 0.6 * spread["gaussian"]
+
+
+def test_single_probe_has_no_stderr():
+    flow, process, _ = _gaussian_case(d=4, seed=5)
+    x = flow.sample(6, process.t_min, torch.Generator().manual_seed(3))
+    res = ds.log_likelihood(flow.field, x, trace=ds.Hutchinson(1, "gaussian"),
+                            generator=torch.Generator().manual_seed(4))
+    assert torch.isnan(res.stderr).all()  # one probe: no spread to report
+    assert torch.isfinite(res.log_prob).all()
+    assert torch.allclose(res.log_prob, res.prior_log_prob + res.delta_log_prob[:, 0])
 
 
 def test_hutchinson_unbiased_on_mixture():
@@ -240,17 +250,17 @@ def test_hutchinson_unbiased_on_mixture():
     process = ds.EDM()
     mix = rotated_mixture(8, 3, seed=8)
     x1 = sample_marginal(mix, 2, process.t_min, process, seed=9)
-    reps = 160
+    reps = 128
     x = x1.repeat_interleave(reps, dim=0)
     field = mix.score_field(process)
     exact = ds.log_likelihood(field, x1, trace=ds.ExactTrace()).log_prob
-    res = ds.log_likelihood(field, x, trace=ds.Hutchinson(probes=3),
+    res = ds.log_likelihood(field, x, trace=ds.Hutchinson(probes=2),
                             generator=torch.Generator().manual_seed(10))
     est = res.log_prob.reshape(2, reps)
     se = est.std(dim=1) / math.sqrt(reps)
     assert ((est.mean(dim=1) - exact).abs() < 3 * se + 1e-3).all(), (est.mean(1), exact, se)
     ratio = res.stderr.square().reshape(2, reps).mean(dim=1) / est.var(dim=1)
-    assert ((ratio > 0.7) & (ratio < 1.4)).all(), ratio
+    assert ((ratio > 0.6) & (ratio < 1.6)).all(), ratio  # about 3 standard errors
 
 
 # ----- bits per dimension and dequantisation ---------------------------------------------------
