@@ -37,6 +37,7 @@ Models*, ICML 2023.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -71,10 +72,9 @@ def _check_D(D) -> float:
     """Validate the number of augmented dimensions: a positive int or ``math.inf``."""
     if isinstance(D, float) and math.isinf(D) and D > 0:
         return math.inf
-    if isinstance(D, bool) or not isinstance(D, int):
+    if isinstance(D, bool) or not isinstance(D, numbers.Integral):
         raise ArgumentTypeError(f"argument `D` must be a positive int or math.inf, got {D!r}")
-    check_int(D, "D", minimum=1)
-    return D
+    return check_int(int(D), "D", minimum=1)
 
 
 def _lgamma_shift(a: float, b: float) -> float:
