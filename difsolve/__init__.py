@@ -6,6 +6,7 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
+from . import convergence
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
 from .control import SCHEDULES, PIController
@@ -80,6 +81,7 @@ __all__ = [
     "StochasticHeun",
     "SubVP",
     "annealed_langevin",
+    "convergence",
     "log_likelihood",
     "sample",
     "solve",
