@@ -7,6 +7,11 @@ r"""Dynamics built from a score field, and the time changes the solvers may inte
 * :class:`LogSigmaTime`: any of the above (or a user's dynamics with a ``process``) in the time
   variable ``u = log sigma(t)``, in which probability-flow trajectories are smooth at every noise
   level: ``dx/du = drift(x, t(u)) dt/du`` and, for SDEs, ``g_u = g sqrt(|dt/du|)``.
+* :class:`SNRTime`: the probability-flow ODE in data-prediction coordinates: time
+  ``w = a/b = 1/sigma = e^lambda`` and state ``z = x/b``, where it reads ``dz/dw = x0(b z, t(w))``
+  (the field's data prediction). Far from the data (``x0`` nearly constant) and close to it
+  (``x0`` converged) the solution is linear in ``w``, so explicit Runge-Kutta methods take large
+  steps there; Euler in these coordinates is DDIM / DPM-Solver++(1).
 
 Solvers integrate any object with ``drift(x, t)`` (and ``diffusion(t)`` plus ``noise`` for SDEs);
 these classes are the ones difsolve builds for you.
@@ -20,7 +25,7 @@ from ._errors import IncompatibleError
 from ._tensor import bcast
 from .fields.base import check_field, denoise, is_exact
 
-__all__ = ["LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE", "is_sde"]
+__all__ = ["LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "is_sde", "time_change"]
 
 
 def is_sde(dynamics) -> bool:
@@ -107,6 +112,13 @@ class LogSigmaTime:
     def to_u(self, t: torch.Tensor) -> torch.Tensor:
         return torch.log(self.process.sigma(t))
 
+    def encode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """State in the new coordinates (unchanged here)."""
+        return x
+
+    def decode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x
+
     def to_t(self, u: torch.Tensor) -> torch.Tensor:
         return self.process.t_of_sigma(torch.exp(u))
 
@@ -120,3 +132,49 @@ class LogSigmaTime:
     def _diffusion(self, u: torch.Tensor) -> torch.Tensor:
         t = self.to_t(u)
         return self.inner.diffusion(t) / self._dudt(t).abs().sqrt()
+
+
+class SNRTime:
+    """The probability-flow ODE of ``dynamics`` in data-prediction coordinates.
+
+    Time ``w = a/b = 1/sigma`` (the square root of the signal-to-noise ratio), state ``z = x/b``:
+    ``dz/dw = x0(b z, t(w))``, where ``x0`` is the dynamics' ``denoise`` (Tweedie) prediction.
+    Exact for every process ``x_t = a x0 + b z`` (it is the EDM ODE ``dy/dsigma = (y - x0)/sigma``
+    for ``y = x/a`` after the substitution ``w = 1/sigma``, ``z = y w``). Needs ``sigma > 0`` at
+    both ends. Reference: Lu et al. (2022), DPM-Solver++, eq. (9) (the same integral form).
+    """
+
+    def __init__(self, dynamics):
+        if is_sde(dynamics) or not callable(getattr(dynamics, "denoise", None)) or \
+                getattr(dynamics, "process", None) is None:
+            raise IncompatibleError(
+                "argument `time_variable`: 'snr' integrates a ProbabilityFlowODE (dynamics with "
+                "`denoise(x, t)` and a `process`, no diffusion); use 'log_sigma' or 't'")
+        self.inner, self.process = dynamics, dynamics.process
+        self.field = getattr(dynamics, "field", None)
+
+    def to_u(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / self.process.sigma(t)
+
+    def to_t(self, w: torch.Tensor) -> torch.Tensor:
+        return self.process.t_of_sigma(1.0 / w)
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x / bcast(self.process.marginal(t)[1], x)
+
+    def decode(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return z * bcast(self.process.marginal(t)[1], z)
+
+    def drift(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t = self.to_t(w)
+        return self.inner.denoise(self.decode(z, t), t)
+
+
+TIME_CHANGES = {"log_sigma": LogSigmaTime, "snr": SNRTime}
+
+
+def time_change(dynamics, name: str):
+    """The dynamics re-parametrised in time variable ``name`` (``"t"``: unchanged, None)."""
+    if name == "t":
+        return None
+    return TIME_CHANGES[name](dynamics)

@@ -20,12 +20,12 @@ from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, che
 from ._tensor import all_finite, as_time, bcast
 from .brownian import BridgedNoise, BrownianPath, FreshNoise
 from .control import PIController, make_grid
-from .dynamics import LogSigmaTime
+from .dynamics import time_change
 from .solvers.base import Solver, StepContext
 
 __all__ = ["Solution", "Stats", "Status", "solve"]
 
-TIME_VARIABLES = ("t", "log_sigma")
+TIME_VARIABLES = ("t", "log_sigma", "snr")
 #: consecutive non-finite proposals after which an adaptive sample stops with NONFINITE
 NONFINITE_RETRIES = 5
 
@@ -125,8 +125,11 @@ def solve(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver, steps=None,
             extra points; steps stop on them under a controller).
         max_steps: most steps per sample (accepted + rejected) before ``Status.MAX_STEPS``.
         progress: show a tqdm progress bar.
-        time_variable: ``"t"`` or ``"log_sigma"``: integrate in ``u = log sigma(t)`` of the
-            dynamics' process (smooth at every noise level). Times in and out stay in ``t``.
+        time_variable: ``"t"``; ``"log_sigma"``: integrate in ``u = log sigma(t)`` of the
+            dynamics' process (smooth at every noise level); ``"snr"`` (probability-flow ODEs
+            only): time ``w = 1/sigma`` and state ``z = x / b``, where ``dz/dw`` is the data
+            prediction (see :class:`~difsolve.dynamics.SNRTime`). Times and states in and out stay
+            in ``t`` and ``x``; a controller's tolerances apply to the integrated state.
 
     Returns:
         :class:`Solution`.
@@ -179,9 +182,9 @@ def solve(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver, steps=None,
     process = getattr(dynamics, "process", None)
     outer = dynamics
     warp = None
-    if time_variable == "log_sigma" and not solver.native_time:
-        warp = LogSigmaTime(dynamics)
-        dynamics = warp
+    if not solver.native_time:
+        warp = time_change(dynamics, time_variable)
+        dynamics = warp if warp is not None else dynamics
     save_t = None
     if save_at is not None:
         save_t = _check_save_at(save_at, x0, t0v, t1v)
@@ -257,7 +260,7 @@ def _solve_fixed(outer, dynamics, warp, x0, grid, solver, corrector, generator, 
     noise = None
     if solver.sde:
         noise = brownian if brownian is not None else FreshNoise(generator)
-    x = x0
+    x = x0 if warp is None else warp.encode(x0, tgrid[0])
     state, nfe = solver.init(dynamics, x, grid[0], ctx)
     alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -265,7 +268,7 @@ def _solve_fixed(outer, dynamics, warp, x0, grid, solver, corrector, generator, 
     xs = [] if save_t is not None else None
     save_idx = _save_indices(tgrid[:, 0], save_t) if save_t is not None else {}
     if 0 in save_idx:
-        xs.append(x)
+        xs.append(x0)
     iterator = range(n)
     if progress:
         from tqdm.auto import tqdm
@@ -274,7 +277,11 @@ def _solve_fixed(outer, dynamics, warp, x0, grid, solver, corrector, generator, 
     for i in iterator:
         t, h = grid[i], grid[i + 1] - grid[i]
         if corrector is not None:
-            x, c_nfe = corrector.correct(outer, x, tgrid[i], generator)
+            if warp is None:
+                x, c_nfe = corrector.correct(outer, x, tgrid[i], generator)
+            else:
+                x, c_nfe = corrector.correct(outer, warp.decode(x, tgrid[i]), tgrid[i], generator)
+                x = warp.encode(x, tgrid[i])
             nfe += c_nfe
         dw = noise.increment(x, t, h) if noise is not None else None
         ctx.index = i
@@ -287,7 +294,9 @@ def _solve_fixed(outer, dynamics, warp, x0, grid, solver, corrector, generator, 
         steps += ok
         alive = ok
         if i + 1 in save_idx:
-            xs.append(x)
+            xs.append(x if warp is None else warp.decode(x, t_reached))
+    if warp is not None:
+        x = warp.decode(x, t_reached)
     status = torch.where(alive, Status.SUCCESS.value, Status.NONFINITE.value)
     zeros = torch.zeros_like(steps)
     stats = Stats(nfe=nfe, nfe_per_sample=torch.full_like(steps, nfe), steps=steps,
@@ -307,7 +316,7 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
                     save_t, max_steps, progress) -> Solution:
     device, dtype = x0.device, x0.dtype
     batch = x0.shape[0]
-    t1_orig = t1v
+    t0_orig, t1_orig = t0v, t1v
     if warp is not None:
         t0v, t1v = warp.to_u(t0v), warp.to_u(t1v)
         if save_t is not None:
@@ -324,7 +333,7 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
     else:
         noise = None
 
-    x = x0
+    x = x0 if warp is None else warp.encode(x0, t0_orig)
     t = t0v.clone()
     state, nfe = solver.init(dynamics, x, t, ctx)
     f0 = state[0] if len(state) else None
@@ -332,7 +341,7 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
     nfe += nfe_init
 
     long = dict(dtype=torch.long, device=device)
-    out_x, out_t = x0.clone(), t0v.clone()
+    out_x, out_t = x.clone(), t0v.clone()
     out_status = torch.zeros(batch, **long)
     out_steps, out_acc, out_rej = (torch.zeros(batch, **long) for _ in range(3))
     out_nfe = torch.full((batch,), nfe, **long)
@@ -365,6 +374,14 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
         out_status[idx] = status
         out_steps[idx], out_acc[idx], out_rej[idx], out_nfe[idx] = steps, acc, rej, nfe_ps
 
+    if stops is not None:  # save points at the start time
+        for _ in range(stops.numel()):
+            at_start = (next_stop < stops.numel()) & (
+                stops[next_stop.clamp(max=stops.numel() - 1)] == t)
+            if not bool(at_start.any()):
+                break
+            xs[next_stop[at_start], idx[at_start]] = x0[at_start]
+            next_stop = next_stop + at_start
     n_active = int((~done).sum())
     while n_active > 0:
         if stops is not None:
@@ -373,9 +390,9 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
         else:
             has_stop, target = None, end
         remaining = (target - t) * direction_w
-        h_abs = h.abs()
-        landing = h_abs >= remaining
-        h_abs = torch.minimum(h_abs, remaining)
+        h_ctrl = h.abs()
+        landing = h_ctrl >= remaining
+        h_abs = torch.minimum(h_ctrl, remaining)
         hs = direction_w * h_abs
         dw, on_acc, on_rej = (noise.propose(nstate, x, t, hs, idx) if noise is not None
                               else (None, (), ()))
@@ -394,7 +411,9 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
         if noise is not None:
             nstate = noise.commit(accept, on_acc, on_rej)
         fac = controller.factor(ratio, prev_ratio, accept, solver.error_order)
-        h_next = controller.clip(direction_w * h_abs * fac)
+        # after an accepted step cut short to land on a save point, resume the controller's size
+        cut = accept & (h_ctrl > h_abs)
+        h_next = controller.clip(direction_w * torch.where(cut, h_ctrl, h_abs * fac))
         h = torch.where(live, h_next, h)
         prev_ratio = torch.where(accept, ratio, prev_ratio)
         steps += live
@@ -406,7 +425,8 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
             hit = arrived & has_stop
             rows = hit.nonzero().squeeze(1)
             if rows.numel():
-                xs[next_stop[rows], idx[rows]] = x[rows]
+                xs[next_stop[rows], idx[rows]] = (
+                    x[rows] if warp is None else warp.decode(x[rows], warp.to_t(t[rows])))
             next_stop = next_stop + hit
         reached = arrived & (t == end)
         # faults
@@ -443,6 +463,7 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
     t_out = out_t
     if warp is not None:
         t_out = torch.where(out_status == Status.SUCCESS.value, t1_orig, warp.to_t(out_t))
+        out_x = warp.decode(out_x, t_out)
     stats = Stats(nfe=nfe, nfe_per_sample=out_nfe, steps=out_steps, accepted=out_acc,
                   rejected=out_rej)
     return Solution(x=out_x, t=t_out, stats=stats, status=out_status, ts=save_t, xs=xs)

