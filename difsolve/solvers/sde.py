@@ -72,12 +72,15 @@ class EDMStochasticHeun(Solver):
     s_noise z``; then a Heun step from ``sigma_hat`` to the next level (Euler when the next level is
     ``sigma = 0``). With ``churn=0`` this is Algorithm 1 (deterministic Heun, NFE ``2N - 1`` when the
     grid ends at 0). Needs a process with ``a(t) = 1`` (VE, EDM, Poisson) and a fixed grid.
-    2 stages; order 2 when ``churn = 0``.
+    2 stages; order 2 when ``churn = 0``. It steps in the process time ``t`` only (its noise-level
+    arithmetic is in ``sigma(t)``, as in EDM and k-diffusion): ``time_variables = ("t",)``.
     """
 
     order = 2
     stages = 2
     stochastic = True
+    native_time = True
+    time_variables = ("t",)
 
     def __init__(self, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
                  s_noise: float = 1.0):
