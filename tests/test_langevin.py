@@ -94,10 +94,11 @@ def test_annealed_langevin_recovers_mode_weights():
 
 
 def test_unannealed_langevin_misses_mode_weights():
-    """The pitfall: Langevin at the smallest noise level only, from a start spread over the ring,
-    ends in whichever basin each sample started in (fractions ~ basin areas ~ 1/K); the annealed
-    chain from the same start, with the same number of score evaluations, recovers the weights."""
-    x = 6.0 * torch.rand(N, 2, generator=gen(2), dtype=DT) - 3.0
+    """The pitfall: Langevin at the smallest noise level only, from an isotropic start spread over
+    the ring, ends in whichever basin each sample started in (fractions ~ 1/K whatever the
+    weights; measured 0.005-0.015 from 1/K over 6 seeds); the annealed chain from the same start,
+    with the same number of score evaluations, recovers the weights."""
+    x = 2.0 * torch.randn(N, 2, generator=gen(2), dtype=DT)
     single = ds.AnnealedLangevin([0.01], steps_each=600, eps=5e-5).run(FIELD, x.clone(),
                                                                           generator=gen(3))
     annealed = ds.AnnealedLangevin(SIGMAS, steps_each=30, eps=5e-5).run(FIELD, x.clone(),
@@ -105,7 +106,7 @@ def test_unannealed_langevin_misses_mode_weights():
     assert single.stats.nfe == annealed.stats.nfe
     f_single, f_annealed = fractions(single.x), fractions(annealed.x)
     assert (f_single - WEIGHTS).abs().max() > 0.08, f_single
-    assert (f_single - 1.0 / K).abs().max() < 0.04, f_single  # basin areas, not weights
+    assert (f_single - 1.0 / K).abs().max() < 0.03, f_single  # basin sizes, not weights
     assert (f_annealed - WEIGHTS).abs().max() < 0.03, f_annealed
 
 
@@ -370,3 +371,53 @@ def test_annealed_langevin_bad_call_arguments():
     with pytest.raises(ds.IncompatibleError, match="`corrector`"):
         ds.sample(FIELD, (4, 2), solver=ds.Heun(), controller=ds.PIController(),
                   corrector=ds.Langevin())
+
+
+# ----- the study behind the default norm rule (slow: pytest -m slow -s tests/test_langevin.py) ---
+
+
+@pytest.mark.slow
+def test_study_norm_rules():
+    """Seed-pooled mode-weight bias of PC sampling and invariance z-scores for every norm rule."""
+    seeds = range(6)
+    pooled, per_seed = {}, {}
+    for norm in [None, "expected", "batch", "sample"]:
+        fs = []
+        for seed in seeds:
+            corrector = None if norm is None else ds.Langevin(norm=norm)
+            sol = ds.sample(FIELD, (N, 2), solver=ds.EulerMaruyama(), steps=200,
+                            corrector=corrector, generator=gen(seed), dtype=DT)
+            fs.append(fractions(sol.x))
+        fs = torch.stack(fs)
+        pooled[norm] = float((fs.mean(0) - WEIGHTS).abs().max())
+        per_seed[norm] = (fs - WEIGHTS).abs().max(1).values
+    print("\nPC (EM 200 steps + Langevin snr 0.16): largest seed-pooled mode-weight bias")
+    for norm, v in pooled.items():
+        print(f"  {norm!s:9} {v:.4f}   per seed {per_seed[norm].min():.4f}-"
+              f"{per_seed[norm].max():.4f}")
+    t = float(VE.t_of_sigma(torch.tensor(0.5, dtype=DT)))
+    mean, cov = exact_moments(VE, t)
+    print("invariance at sigma=0.5, 200 steps: max z of mean / cov / weights, cov growth")
+    zs = {}
+    for norm in ["expected", "batch", "sample"]:
+        rows = []
+        for seed in seeds:
+            x = exact_samples(VE, t, N, gen(seed + 200))
+            y, _ = ds.Langevin(steps=200, norm=norm).correct(
+                ds.ReverseSDE(FIELD), x, torch.full((N,), t, dtype=DT), gen(seed + 300))
+            yc = y - y.mean(0)
+            se_cov = (yc[:, :, None] * yc[:, None, :]).reshape(N, -1).std(0).reshape(2, 2)
+            r = responsibilities(y, VE, t)
+            rows.append([
+                float(((y.mean(0) - mean).abs() / (cov.diagonal() / N).sqrt()).max()),
+                float(((torch.cov(y.T) - cov).abs() / (se_cov / math.sqrt(N))).max()),
+                float(((r.mean(0) - WEIGHTS).abs() / (r.std(0) / math.sqrt(N))).max()),
+                float(torch.cov(y.T).diagonal().max() / cov.diagonal().max())])
+        zs[norm] = torch.tensor(rows)
+        lo, hi = zs[norm].min(0).values, zs[norm].max(0).values
+        print(f"  {norm:9} " + "  ".join(f"{a:.2f}-{b:.2f}" for a, b in zip(lo, hi)))
+    for norm in ["expected", "batch"]:
+        assert pooled[norm] < 0.01
+        assert (zs[norm][:, :3] < 4).all()
+    assert pooled["sample"] > 0.04
+    assert (zs["sample"][:, 3] > 2).all()
