@@ -15,6 +15,7 @@ r"""Brownian increments for SDE solvers.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 
@@ -215,12 +216,19 @@ class BrownianPath:
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_size = int(min(4096, max(2 * self.levels + 8, 2**28 // (8 * self._numel))))
         self._bm = None
+        self._sign = 1.0
         if backend == "torchsde":
             import torchsde
 
             self._bm = torchsde.BrownianInterval(
                 t0=0.0, t1=1.0, size=self.shape, dtype=torch.float64, device="cpu",
                 entropy=self.entropy, halfway_tree=True, tol=0.5 * 10.0**-self.levels)
+
+    def negated(self) -> BrownianPath:
+        """The antithetic path ``-W`` (shares this path's entropy and memo)."""
+        other = copy.copy(self)
+        other._sign = -self._sign
+        return other
 
     def __repr__(self) -> str:
         return (f"BrownianPath(t0={self.t_lo}, t1={self.t_hi}, shape={self.shape}, "
@@ -331,7 +339,7 @@ class BrownianPath:
     def __call__(self, ta: float, tb: float) -> torch.Tensor:
         """``W(tb) - W(ta)`` for every row (either order; times are clipped to the interval)."""
         ja, jb = self._index(_number(ta, "ta")), self._index(_number(tb, "tb"))
-        return self._diff(ja, jb).to(device=self.device, dtype=self.dtype)
+        return (self._sign * self._diff(ja, jb)).to(device=self.device, dtype=self.dtype)
 
     def increment(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,7 +371,7 @@ class BrownianPath:
             ja_np, jb_np = np.asarray(ja, dtype=np.int64), np.asarray(jb, dtype=np.int64)
             w = self._w_rows(jb_np, rows_np) - self._w_rows(ja_np, rows_np)
             w = torch.from_numpy(w * math.sqrt(self.span)).reshape(x.shape)
-        return w.to(device=x.device, dtype=x.dtype)
+        return (self._sign * w).to(device=x.device, dtype=x.dtype)
 
 
 def _number(value, name: str) -> float:

@@ -360,8 +360,8 @@ def weak_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: Solv
                steps: Sequence[int] = (4, 8, 16, 32),
                statistic: Callable[[torch.Tensor], torch.Tensor] = _identity,
                exact=None, generator: torch.Generator | None = None,
-               schedule: str = "uniform", path: BrownianPath | None = None, label: str = "",
-               **solve_kwargs) -> Study:
+               schedule: str = "uniform", path: BrownianPath | None = None,
+               antithetic: bool = False, label: str = "", **solve_kwargs) -> Study:
     """Observed weak order of an SDE solver: error of the mean of ``statistic(x(t1))``.
 
     Each row of ``x0`` is one path; every step count integrates along the same Brownian paths.
@@ -373,11 +373,16 @@ def weak_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: Solv
             ``RMS_components(std phi(x_N)) / sqrt(B)``. None: a run at ``16 max(steps)`` steps on
             the same paths, and the error is ``RMS_components(mean (phi(x_N) - phi(x_ref)))`` with
             the floor the standard error of that mean.
+        antithetic: also integrate along the negated path ``-W`` and use the pair average of the
+            statistic per row (antithetic variates: for linear SDEs with additive noise the
+            Monte-Carlo noise of an odd statistic such as ``x`` then cancels exactly).
         Other arguments as in :func:`strong_order`.
     """
     x0 = check_tensor(x0, "x0")
     _check_solver(solver, sde=True)
     steps = _check_steps(steps)
+    if not isinstance(antithetic, bool):
+        raise ArgumentTypeError(f"argument `antithetic` must be a bool, got {antithetic!r}")
     if not callable(statistic):
         raise ArgumentTypeError(f"argument `statistic` must be callable, got {statistic!r}")
     t0, t1 = _time(t0, "t0"), _time(t1, "t1")
@@ -387,8 +392,16 @@ def weak_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: Solv
                             dtype=x0.dtype)
     elif not isinstance(path, BrownianPath):
         raise ArgumentTypeError(f"argument `path` must be a BrownianPath, got {path!r}")
-    kwargs = dict(solve_kwargs, brownian=path)
     batch = x0.shape[0]
+    paths = [path, path.negated()] if antithetic else [path]
+
+    def run(n):
+        vals, nfe = [], 0
+        for p in paths:
+            x, k = _run(dynamics, x0, t0, t1, solver, n, schedule, dict(solve_kwargs, brownian=p))
+            vals.append(phi(x))
+            nfe += k
+        return sum(vals) / len(vals), nfe
 
     def phi(x):
         v = statistic(x)
@@ -403,12 +416,11 @@ def weak_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: Solv
         reference, ref_phi = "exact", None
     else:
         n_ref = REFERENCE_FACTOR * steps[-1]
-        ref_x, _ = _run(dynamics, x0, t0, t1, solver, n_ref, schedule, kwargs)
-        ref_phi, reference = phi(ref_x), f"{n_ref} steps (same paths)"
+        ref_phi, _ = run(n_ref)
+        reference = f"{n_ref} steps (same paths)"
     errors, floors, nfes = [], [], []
     for n in steps:
-        x, nfe = _run(dynamics, x0, t0, t1, solver, n, schedule, kwargs)
-        v = phi(x)
+        v, nfe = run(n)
         if ref_phi is not None:
             d = v - ref_phi
             err = d.mean(0)
