@@ -344,6 +344,7 @@ def test_langevin_bad_arguments(kwargs, name):
     ({"sigmas": [1.0, -0.1]}, "sigmas"), ({"sigmas": [1.0, 0.0]}, "sigmas"),
     ({"sigmas": []}, "sigmas"), ({"sigmas": [1.0, math.nan]}, "sigmas"),
     ({"sigmas": [math.inf, 1.0]}, "sigmas"), ({"sigmas": "abc"}, "sigmas"),
+    ({"sigmas": [[1.0, 0.5], [0.2, 0.1]]}, "sigmas"),
     ({"sigmas": [1.0], "steps_each": 0}, "steps_each"),
     ({"sigmas": [1.0], "steps_each": 2.0}, "steps_each"),
     ({"sigmas": [1.0], "eps": 0.0}, "eps"), ({"sigmas": [1.0], "eps": -1e-5}, "eps"),

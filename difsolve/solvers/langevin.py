@@ -5,7 +5,7 @@ its Euler discretisation (the unadjusted Langevin algorithm, ULA) ``x <- x + eps
 sqrt(2 eps) z`` does so up to an ``O(eps)`` bias **provided ``eps`` does not depend on ``x``**.
 
 * :class:`Langevin`: the corrector of predictor-corrector sampling (Song et al., *Score-Based
-  Generative Modeling through SDEs*, ICLR 2021, Algorithm 4 / ``LangevinCorrector`` of
+  Generative Modeling through SDEs*, ICLR 2021, Algorithms 4-5 / ``LangevinCorrector`` of
   score_sde). At the current time ``t`` it runs ``steps`` ULA steps on ``p_t`` with
   ``eps = 2 alpha (snr ||z|| / ||s||)^2``. Used through ``corrector=`` of :func:`~difsolve.solve`
   and :func:`~difsolve.sample` (corrector first, then the predictor, at every grid time).
@@ -165,11 +165,13 @@ def _check_sigmas(sigmas) -> torch.Tensor:
     if isinstance(sigmas, (int, float)) and not isinstance(sigmas, bool):
         sigmas = [sigmas]
     try:
-        s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
+        s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ArgumentTypeError(
             f"argument `sigmas` must be a 1-D sequence or tensor of noise levels, got "
             f"{sigmas!r}") from exc
+    check(s.ndim <= 1, "sigmas", "a 1-D sequence of noise levels", tuple(s.shape))
+    s = s.reshape(-1)
     check(s.numel() >= 1, "sigmas", "a non-empty 1-D sequence of noise levels")
     check(bool(torch.isfinite(s).all() & (s > 0).all()), "sigmas", "finite and positive", s)
     check(bool((s[1:] < s[:-1]).all()), "sigmas", "strictly decreasing", s)
