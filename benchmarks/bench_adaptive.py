@@ -16,6 +16,7 @@ Run: ``python benchmarks/bench_adaptive.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -25,9 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import difsolve as ds  # noqa: E402
-from _peers import CountingDenoiser, CountingODE, load_k_diffusion_sampling  # noqa: E402
-from _problems import ring_mixture  # noqa: E402
+from _peers import CountingDenoiser, CountingODE, load_k_diffusion_sampling
+from _problems import ring_mixture
+
+import difsolve as ds
+
+HEADLINE = "difsolve DPM++4+C PI (log_sigma)"
 
 
 def pareto(points):
@@ -42,7 +46,7 @@ def pareto(points):
 
 def work_at(front, err):
     """Work needed on ``front`` to reach ``err`` (log-log interpolation; None if out of range)."""
-    for (w0, e0), (w1, e1) in zip(front, front[1:]):
+    for (w0, e0), (w1, e1) in itertools.pairwise(front):
         if e1 <= err <= e0:
             f = (math.log(err) - math.log(e0)) / (math.log(e1) - math.log(e0))
             return math.exp(math.log(w0) + f * (math.log(w1) - math.log(w0)))
@@ -66,14 +70,21 @@ def work_precision(batch: int, quick: bool):
 
     rows = []
     tols = [3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5] if not quick else [1e-3, 1e-4, 1e-5]
-    for name, solver, tv in [("difsolve Dopri5 (snr)", ds.Dopri5(), "snr"),
-                             ("difsolve Bosh3 (snr)", ds.Bosh3(), "snr"),
-                             ("difsolve Dopri5 (log_sigma)", ds.Dopri5(), "log_sigma"),
-                             ("difsolve Dopri5 (t)", ds.Dopri5(), "t")]:
+    pi = {"pcoeff": 0.2, "icoeff": 0.7, "safety": 0.8}  # a PI controller, as used below
+    configs = [(HEADLINE, ds.DPMSolver(4, corrector=True), "log_sigma", pi),
+               ("difsolve DPM++4+C I-ctrl (log_sigma)", ds.DPMSolver(4, corrector=True),
+                "log_sigma", {}),
+               ("difsolve DPM++3+C PI (log_sigma)", ds.DPMSolver(3, corrector=True),
+                "log_sigma", pi),
+               ("difsolve Dopri5 (snr)", ds.Dopri5(), "snr", {}),
+               ("difsolve Bosh3 (snr)", ds.Bosh3(), "snr", {}),
+               ("difsolve Dopri5 (log_sigma)", ds.Dopri5(), "log_sigma", {}),
+               ("difsolve Dopri5 (t)", ds.Dopri5(), "t", {})]
+    for name, solver, tv, extra in configs:
         for tol in tols:
             t0 = time.perf_counter()
             sol = ds.solve(dyn, x_t, 80.0, 0.002, solver=solver, time_variable=tv,
-                           controller=ds.PIController(rtol=tol, atol=tol))
+                           controller=ds.PIController(rtol=tol, atol=tol, **extra))
             rows.append((name, f"rtol=atol={tol:g}", float(sol.stats.nfe_per_sample.double().mean()),
                          sol.stats.nfe, err(sol.x), time.perf_counter() - t0))
     for tol in ([1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5] if not quick else [1e-2, 1e-3, 1e-4]):
@@ -108,9 +119,15 @@ def work_precision(batch: int, quick: bool):
         if not r[0].startswith("difsolve"):
             peers.setdefault(r[0], []).append((r[2], r[4]))
     fronts = {k: pareto(v) for k, v in peers.items()}
-    print("\nwork ratio (best peer's NFE per sample / difsolve Dopri5 (snr)'s) at equal error:")
+    for mine in (HEADLINE, "difsolve Dopri5 (snr)"):
+        _ratios(rows, fronts, mine)
+    return rows
+
+
+def _ratios(rows, fronts, mine):
+    print(f"\nwork ratio (best peer's NFE per sample / {mine}'s) at equal error:")
     for r in rows:
-        if r[0] != "difsolve Dopri5 (snr)":
+        if r[0] != mine:
             continue
         cands = [(work_at(f, r[4]), k) for k, f in fronts.items()]
         cands = [(w, k) for w, k in cands if w is not None]
@@ -118,8 +135,8 @@ def work_precision(batch: int, quick: bool):
             print(f"  error {r[4]:.2e}: no peer reaches this range")
             continue
         w, k = min(cands)
-        print(f"  error {r[4]:.2e}: difsolve {r[2]:6.1f}  best peer {w:6.1f} ({k})  ratio {w / r[2]:.2f}")
-    return rows
+        print(f"  error {r[4]:.2e}: difsolve {r[2]:6.1f}  best peer {w:6.1f} ({k})  "
+              f"ratio {w / r[2]:.2f}")
 
 
 class StiffRelaxation:

@@ -182,9 +182,12 @@ def solve(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver, steps=None,
     process = getattr(dynamics, "process", None)
     outer = dynamics
     warp = None
-    if not solver.native_time:
-        warp = time_change(dynamics, time_variable)
-        dynamics = warp if warp is not None else dynamics
+    if time_variable not in solver.time_variables:
+        raise IncompatibleError(
+            f"argument `time_variable`: {type(solver).__name__} supports {solver.time_variables}, "
+            f"got {time_variable!r}")
+    warp = time_change(dynamics, time_variable)
+    dynamics = warp if warp is not None else dynamics
     save_t = None
     if save_at is not None:
         save_t = _check_save_at(save_at, x0, t0v, t1v)
@@ -336,7 +339,7 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
     x = x0 if warp is None else warp.encode(x0, t0_orig)
     t = t0v.clone()
     state, nfe = solver.init(dynamics, x, t, ctx)
-    f0 = state[0] if len(state) else None
+    f0 = solver.initial_drift(state)
     h, _, nfe_init = controller.initial_step(dynamics, solver, x, t, direction, span, f0)
     nfe += nfe_init
 

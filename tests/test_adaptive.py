@@ -277,3 +277,62 @@ def test_adaptive_sde_sampling_is_unbiased():
     se = torch.sqrt(torch.tensor(weights) * (1 - torch.tensor(weights)) / n).double()
     assert ((frac - frac_e).abs() < 4 * math.sqrt(2) * se).all(), (frac, frac_e)
     assert ((width - width_e).abs() / width_e < 0.05).all(), (width, width_e)
+
+
+# ----- DPM-Solver++ with the free corrector: order + 1, embedded error, 1 NFE per step ---------
+
+
+def _rotated_flow(process):
+    rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    cov = rot @ torch.diag(torch.tensor([0.3, 0.02], dtype=torch.float64)) @ rot.T
+    return GaussianFlow([0.5, -1.0], cov, process)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_dpm_solver_corrector_raises_the_order(order):
+    process = ds.EDM()
+    flow = _rotated_flow(process)
+    x = flow.sample(32, 80.0, torch.Generator().manual_seed(4))
+    exact = flow.flow(x, 80.0, 0.002)
+    dyn = ds.ProbabilityFlowODE(flow.field)
+    steps = (16, 32, 64, 128)
+    for corrector, expected in ((False, order), (True, order + 1)):
+        errs = []
+        for n in steps:
+            sol = ds.solve(dyn, x, 80.0, 0.002, solver=ds.DPMSolver(order, corrector=corrector),
+                           steps=n, schedule="logsnr")
+            assert sol.stats.nfe == n + int(corrector)  # one evaluation per step
+            errs.append(float((sol.x - exact).square().mean().sqrt()))
+        slope = -torch.linalg.lstsq(
+            torch.stack([torch.log(torch.tensor(steps, dtype=torch.float64)),
+                         torch.ones(4, dtype=torch.float64)], 1),
+            torch.log(torch.tensor(errs, dtype=torch.float64))[:, None]).solution[0, 0]
+        assert abs(float(slope) - expected) < 0.25, (corrector, errs)
+
+
+def test_adaptive_dpm_solver_one_evaluation_per_attempt(device):
+    process = ds.VP()
+    flow = _rotated_flow(process)
+    x = flow.sample(64, 1.0, torch.Generator().manual_seed(5), device=device)
+    exact = flow.flow(x, 1.0, 1e-3)
+    dyn = ds.ProbabilityFlowODE(flow.field)
+    errs = []
+    for tol in (1e-3, 1e-6):
+        sol = ds.solve(dyn, x, 1.0, 1e-3, solver=ds.DPMSolver(3, corrector=True),
+                       controller=ds.PIController(rtol=tol, atol=tol), time_variable="log_sigma")
+        assert sol.success
+        st = sol.stats
+        # init evaluation + Hairer's probe (2) + one per attempted step, rejected ones included
+        assert torch.equal(st.nfe_per_sample, 3 + st.steps)
+        errs.append(float((sol.x - exact).abs().max()))
+    assert errs[1] < 1e-5 and errs[1] < errs[0] / 50, errs
+
+
+def test_dpm_solver_refuses_snr_coordinates_and_sde():
+    field = _rotated_flow(ds.EDM()).field
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ds.IncompatibleError, match="time_variable"):
+        ds.solve(ds.ProbabilityFlowODE(field), x, 80.0, 0.002, solver=ds.DPMSolver(2),
+                 steps=4, time_variable="snr")
+    with pytest.raises(ds.DifsolveError, match="order"):
+        ds.DPMSolver(5)

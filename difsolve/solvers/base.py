@@ -60,7 +60,9 @@ class Solver:
         stochastic: draws random numbers.
         sde: integrates SDE dynamics (needs Brownian increments and a ``diffusion``).
         noise_types: SDE noise types supported.
-        native_time: integrates in the dynamics' own time ``t`` (never re-parametrised).
+        native_time: integrates the field's ODE through its own formula (needs a probability-flow
+            ODE with ``denoise``), not a generic drift.
+        time_variables: the ``time_variable`` choices of :func:`~difsolve.solve` it supports.
     """
 
     order: float | None = None
@@ -72,6 +74,7 @@ class Solver:
     sde: bool = False
     noise_types: tuple[str, ...] = ()
     native_time: bool = False
+    time_variables: tuple[str, ...] = ("t", "log_sigma", "snr")
 
     @property
     def error_order(self) -> float:
@@ -108,6 +111,10 @@ class Solver:
     def step(self, dynamics, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, state: State,
              dw: torch.Tensor | None, ctx: StepContext) -> Step:
         raise NotImplementedError
+
+    def initial_drift(self, state: State) -> torch.Tensor | None:
+        """``drift(x0, t0)`` if the initial state holds it (FSAL), so step control can reuse it."""
+        return None
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

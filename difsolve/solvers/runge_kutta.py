@@ -65,6 +65,9 @@ class ExplicitRK(Solver):
             return (dynamics.drift(x, t),), 1
         return (), 0
 
+    def initial_drift(self, state: State) -> torch.Tensor | None:
+        return state[0] if self.tableau.fsal and len(state) else None
+
     def step(self, dynamics, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, state: State,
              dw, ctx: StepContext) -> Step:
         tab = self.tableau
