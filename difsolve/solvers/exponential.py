@@ -38,34 +38,54 @@ __all__ = ["DPMSolver"]
 
 #: below this |h| the psi functions are summed from their Taylor series (no cancellation)
 _SERIES_BELOW = 0.5
-_SERIES_TERMS = 16
+_SERIES_TERMS = 12
 
 
 def _psi_moments(h: torch.Tensor, k: int) -> torch.Tensor:
-    """``m_j = int_0^h e^{-(h-v)} (v/h)^j dv = j! psi_{j+1}(h) / h^j`` for ``j < k``: ``(B, k)``."""
-    psi = [-torch.expm1(-h)]
-    for j in range(1, k):
-        psi.append(h**j / math.factorial(j) - psi[-1])
-    # series psi_{j+1}(h) = h^{j+1} sum_i (-h)^i / (j+1+i)!  for small |h|
+    """``m_j = int_0^h e^{-(h-v)} (v/h)^j dv = j! psi_{j+1}(h) / h^j`` for ``j < k``: ``(B, k)``.
+
+    Forward recurrence ``psi_{j+1} = h^j/j! - psi_j`` where ``|h|`` is not small; for small ``|h|``
+    the top ``psi_k`` from its Taylor series and the backward recurrence
+    ``psi_j = h^j/j! - psi_{j+1}``, which does not cancel there.
+    """
     small = h.abs() < _SERIES_BELOW
     hs = torch.where(small, h, torch.zeros_like(h))
-    out = []
-    for j in range(k):
-        series = sum((-hs) ** i / math.factorial(j + 1 + i) for i in range(_SERIES_TERMS))
-        series = hs ** (j + 1) * series
-        val = torch.where(small, series, psi[j])
-        scale = torch.where(h == 0, torch.ones_like(h), h) ** j
-        out.append(math.factorial(j) * val / scale)
-    return torch.stack(out, dim=1)
+    # series psi_k(h) = h^k sum_i (-h)^i / (k+i)!, summed by Horner
+    acc = torch.full_like(h, 1.0 / math.factorial(k + _SERIES_TERMS))
+    for i in range(_SERIES_TERMS - 1, -1, -1):
+        acc = 1.0 / math.factorial(k + i) - hs * acc
+    back = [hs**k * acc]
+    for j in range(k - 1, 0, -1):
+        back.append(hs**j / math.factorial(j) - back[-1])
+    back.reverse()  # psi_1 .. psi_k on the small-h branch
+    fwd = [-torch.expm1(-h)]
+    for j in range(1, k):
+        fwd.append(h**j / math.factorial(j) - fwd[-1])
+    safe = torch.where(h == 0, torch.ones_like(h), h)
+    return torch.stack([math.factorial(j) * torch.where(small, back[j], fwd[j]) / safe**j
+                        for j in range(k)], dim=1)
 
 
-def _weights(nodes: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+def _weights(node_sets: list[torch.Tensor], moments: torch.Tensor) -> torch.Tensor:
     """Quadrature weights ``w`` with ``sum_j w_j P(v_j) = int e^{-(h-v)} P(v) dv`` for every
-    polynomial ``P`` of degree ``< k`` (``nodes`` scaled by ``h``): solves ``V^T w = m``."""
-    k = nodes.shape[1]
-    powers = torch.arange(k, device=nodes.device, dtype=nodes.dtype)
-    vander = nodes[:, :, None] ** powers  # (B, k, k): V[j, i] = v_j^i
-    return torch.linalg.solve(vander.mT, moments[:, :k, None])[..., 0]
+    polynomial ``P`` of degree ``< k`` (nodes scaled by ``h``), for several node sets at once.
+
+    ``node_sets[i]`` is ``(B, k_i)``; returns ``(len(node_sets), B, m)`` with ``m = max k_i``,
+    zero-padded. One batched solve of ``V^T w = m`` (smaller systems padded with the identity).
+    """
+    m = max(n.shape[1] for n in node_sets)
+    batch = moments.shape[0]
+    eye = torch.eye(m, device=moments.device, dtype=moments.dtype)
+    systems, rhs = [], []
+    for nodes in node_sets:
+        k = nodes.shape[1]
+        powers = torch.arange(k, device=nodes.device, dtype=nodes.dtype)
+        vt = (nodes[:, :, None] ** powers).mT  # (B, k, k): V^T[i, j] = v_j^i
+        full = eye.expand(batch, m, m).clone()
+        full[:, :k, :k] = vt
+        systems.append(full)
+        rhs.append(torch.nn.functional.pad(moments[:, :k], (0, m - k)))
+    return torch.linalg.solve(torch.stack(systems), torch.stack(rhs)[..., None])[..., 0]
 
 
 def _unwrap(dynamics):
@@ -137,24 +157,23 @@ class DPMSolver(Solver):
         values = [d0, *d_hist]
         zero_nodes = torch.zeros_like(h64)
 
-        def combine(nodes, vals, orders, shift):
-            """sum_j w_j vals_j with the weights of the per-sample order (extra nodes: shift)."""
-            acc = None
-            for k in range(1, p + 1):
-                n = torch.stack(nodes[:k + shift], dim=1)
-                w = _weights(n, moments)
-                use = (orders == k)[:, None]
-                acc = torch.where(use, torch.nn.functional.pad(w, (0, p + shift - w.shape[1])),
-                                  acc if acc is not None else torch.zeros(
-                                      h64.shape[0], p + shift, dtype=wdtype, device=h64.device))
-            total = None
-            for j, v in enumerate(vals):
-                term = bcast(acc[:, j].to(x.dtype), x) * v
-                total = term if total is None else total + term
+        rows = torch.arange(h64.shape[0], device=h64.device)
+        use = (order_now - 1).long()
+        pred_nodes = [zero_nodes, *past]
+        sets = [torch.stack(pred_nodes[:k], dim=1) for k in range(1, p + 1)]
+        if self.corrector:
+            corr_nodes = [torch.ones_like(h64), *pred_nodes]
+            sets += [torch.stack(corr_nodes[:k + 1], dim=1) for k in range(1, p + 1)]
+        weights = _weights(sets, moments).to(x.dtype)  # one batched solve for all of them
+
+        def combine(w, vals):
+            total = bcast(w[:, 0], x) * vals[0]
+            for j in range(1, len(vals)):
+                total = total + bcast(w[:, j], x) * vals[j]
             return total
 
         ratio = bcast(b_t / b_s, x) * x
-        x_pred = ratio + bcast(a_t, x) * combine([zero_nodes, *past], values, order_now, 0)
+        x_pred = ratio + bcast(a_t, x) * combine(weights[use, rows], values)
         last_fixed = (not self.corrector and ctx.n_steps is not None
                       and ctx.index == ctx.n_steps - 1)
         if last_fixed:  # nothing needs the prediction at the final point
@@ -163,9 +182,7 @@ class DPMSolver(Solver):
             d_new, nfe = denoise(x_pred, t_next), 1
         x_new, error = x_pred, None
         if self.corrector:
-            one = torch.ones_like(h64)
-            x_new = ratio + bcast(a_t, x) * combine([one, zero_nodes, *past], [d_new, *values],
-                                                    order_now, 1)
+            x_new = ratio + bcast(a_t, x) * combine(weights[p + use, rows], [d_new, *values])
             error = x_new - x_pred
         new_state = (d_new, lam_t, d0, *d_hist[:-1], lam_s, *lam_hist[:-1], count + 1) \
             if p > 1 else (d_new, lam_t, count + 1)
