@@ -69,8 +69,13 @@ class GaussianMixture:
               f"max |S - S^T| = {float(asym.max()):.3g}")
         cov = 0.5 * (cov + cov.mT)
         evals, evecs = torch.linalg.eigh(cov)
-        check(bool((evals > 0).all()), "covs", "positive definite (all eigenvalues > 0)",
-              float(evals.min()))
+        # a singular matrix has rounding-level eigenvalues of either sign: demand a condition
+        # number below ~1e13 (relative to each component's largest eigenvalue)
+        floor = 64 * d * torch.finfo(torch.float64).eps * evals.amax(dim=-1, keepdim=True)
+        check(bool((evals > floor).all()), "covs",
+              "positive definite (all eigenvalues > 0, condition number < 1e13)",
+              f"smallest eigenvalue {float(evals.min()):.3g}")
+        w = w / w.sum()  # exact normalisation (the sum was checked to 1e-6)
         self.weights, self.means, self.covs = w, mu, cov
         self.dim, self.n_components = d, k
         self._evals, self._evecs = evals, evecs
