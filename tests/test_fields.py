@@ -401,6 +401,14 @@ def test_probability_flow_and_reverse_sde_drifts(args, case: Case, frac):
     x0 = mix.posterior_mean(x, a, b)
     torch.testing.assert_close(ode.denoise(x, t), x0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(denoise(field, x, t), x0, rtol=1e-9, atol=1e-9)
+    # divergence of the PF-ODE drift (autograd) = d f - g^2/2 tr H  (VP: -beta/2 (d + tr H))
+    xg = x.clone().requires_grad_(True)
+    drift = ode.drift(xg, t)
+    div = sum(torch.autograd.grad(drift[:, i].sum(), xg, retain_graph=True)[0][:, i]
+              for i in range(d))
+    expected = d * f[:, 0] - 0.5 * g2[:, 0] * field.divergence(x, t)
+    torch.testing.assert_close(div.detach(), expected, rtol=1e-8,
+                               atol=1e-9 * float(expected.abs().max()))
     if case.kind == "EDM":  # dx/dsigma = (x - D(x, sigma)) / sigma
         torch.testing.assert_close(ode.drift(x, t), (x - x0) / t[:, None], rtol=1e-7,
                                    atol=1e-9 * scale)
