@@ -359,16 +359,18 @@ class BrownianPath:
         ts = t.detach().to("cpu", torch.float64).expand(x.shape[0]).numpy()
         ends = ts + h.detach().to("cpu", torch.float64).expand(x.shape[0]).numpy()
         lo, hi = np.minimum(ts, ends), np.maximum(ts, ends)
-        ja = [self._index(float(v)) for v in lo]
-        jb = [self._index(float(v)) for v in hi]
-        if len(set(ja)) == 1 and len(set(jb)) == 1:
+        # vectorised _index (np.rint rounds half to even, as round() does)
+        top = 2**self.levels
+        ja_np = np.clip(np.rint((lo - self.t_lo) / self.span * top), 0, top).astype(np.int64)
+        jb_np = np.clip(np.rint((hi - self.t_lo) / self.span * top), 0, top).astype(np.int64)
+        ja, jb = ja_np.tolist(), jb_np.tolist()
+        if bool((ja_np == ja_np[0]).all() and (jb_np == jb_np[0]).all()):
             w = self._diff(ja[0], jb[0])
             if rows is not None:
                 w = w[torch.from_numpy(rows_np)]
         elif self._bm is not None:
             w = torch.stack([self._diff(a, b)[int(r)] for a, b, r in zip(ja, jb, rows_np)])
         else:
-            ja_np, jb_np = np.asarray(ja, dtype=np.int64), np.asarray(jb, dtype=np.int64)
             w = self._w_rows(jb_np, rows_np) - self._w_rows(ja_np, rows_np)
             w = torch.from_numpy(w * math.sqrt(self.span)).reshape(x.shape)
         return (self._sign * w).to(device=x.device, dtype=x.dtype)
