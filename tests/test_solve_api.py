@@ -232,3 +232,15 @@ def test_time_is_per_sample_and_float_accepted(vp):
     assert a.t.shape == (6,)
     with pytest.raises(ds.DifsolveError, match="t0"):
         ds.solve(ode, x0, torch.ones(5, dtype=F64), 1e-3, solver=ds.Heun(), steps=5)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_progress_bar(vp, mode, capsys):
+    _, field, x0 = vp
+    ode = ds.ProbabilityFlowODE(field)
+    kw = (dict(solver=ds.Heun(), steps=7) if mode == "fixed" else
+          dict(solver=ds.Dopri5(), controller=ds.PIController(rtol=1e-4, atol=1e-4)))
+    quiet = ds.solve(ode, x0, 1.0, 1e-3, **kw)
+    sol = ds.solve(ode, x0, 1.0, 1e-3, progress=True, **kw)
+    assert "solve" in capsys.readouterr().err
+    assert torch.equal(sol.x, quiet.x)
