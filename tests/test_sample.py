@@ -159,3 +159,26 @@ def test_demo_runs(tmp_path, capsys):
                  "StochasticHeun", "EDMStochasticHeun", "NFE/sample", "seconds"):
         assert name in out
     assert png.exists() and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("solver,steps", [(ds.Heun(), 18), (ds.EulerMaruyama(), 100)],
+                         ids=["Heun", "EulerMaruyama"])
+def test_sample_on_device(device, solver, steps):
+    """Everything runs on the device of the generator / ``device=`` (CPU always, CUDA when
+    present): reproducible per seed, right mode weights."""
+    mix = ring_mixture()
+    field = mix.score_field(ds.EDM())
+    n = 2000
+
+    def run():
+        return ds.sample(field, (n, 2), solver=solver, steps=steps, device=device,
+                         dtype=torch.float64, denoise=False,
+                         generator=torch.Generator(device=device).manual_seed(0))
+
+    sol = run()
+    assert sol.x.device.type == device.type and sol.status.device.type == device.type
+    assert sol.success
+    assert torch.equal(sol.x, run().x)
+    frac = torch.bincount(torch.cdist(sol.x.cpu(), mix.means).argmin(1), minlength=8).double()
+    w = mix.weights
+    assert bool(((frac / n - w).abs() <= 4 * (w * (1 - w) / n).sqrt()).all())
