@@ -27,12 +27,16 @@ from difsolve.control import make_grid
 from difsolve.solvers.base import StepContext
 
 
-def scheme_law(process, solver, grid: torch.Tensor):
+def scheme_law(process, solver, grid: torch.Tensor, log_sigma: bool = False):
     """Exact mean and covariance of ``solver`` on the reverse SDE along ``grid`` (1-D times),
-    started from the exact law at ``grid[0]``."""
+    started from the exact law at ``grid[0]``; with ``log_sigma`` the solver steps the SDE
+    re-parametrised in ``u = log sigma(t)`` (:class:`difsolve.LogSigmaTime`) on the same times."""
     gf = gaussian_flow(process)
     sde = ds.ReverseSDE(gf.field)
     m, P = gf.marginal(float(grid[0]))
+    if log_sigma:
+        sde = ds.LogSigmaTime(sde)
+        grid = sde.to_u(grid)
     d = m.numel()
     ctx = StepContext(n_steps=grid.numel() - 1)
     X = torch.zeros(2 * d + 1, d, dtype=torch.float64)
@@ -83,6 +87,22 @@ def test_weak_order_exact_recursion(proc_name, schedule, solver_cls, order, step
     assert solver_cls.weak_order == order
     assert abs(fit_slope(steps, cov_err) - order) <= TOL, cov_err
     assert abs(fit_slope(steps, m2_err) - order) <= TOL, m2_err
+
+
+@pytest.mark.parametrize("solver_cls,order", [(ds.EulerMaruyama, 1), (ds.StochasticHeun, 2)])
+def test_weak_order_in_log_sigma_time(solver_cls, order):
+    """The reverse SDE in ``u = log sigma`` (``g_u = g / sqrt(|du/dt|)``, sample()'s default for
+    SDE solvers) converges in law to the same exact marginal, with the same weak orders."""
+    process = ds.VP()
+    gf = gaussian_flow(process)
+    me, Pe = gf.marginal(process.t_min)
+    steps = (64, 128, 256, 512)
+    errs = []
+    for n in steps:
+        m, P = scheme_law(process, solver_cls(), _grid(process, "logsnr", n), log_sigma=True)
+        errs.append(float((P - Pe).norm() + (m - me).norm()))
+    assert abs(fit_slope(steps, errs) - order) <= TOL, errs
+    assert errs[-1] < 0.01
 
 
 def test_weak_monte_carlo_vp():
