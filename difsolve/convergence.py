@@ -475,14 +475,22 @@ def gaussian_problem(process=None, *, dim: int = 2, seed: int = 0):
     return GaussianFlow(mean, cov, process if process is not None else VP())
 
 
-def default_studies(paths: int = 256, weak_paths: int = 4000, seed: int = 0) -> list[Study]:
+def default_studies(paths: int = 64, weak_paths: int = 4000, ode_samples: int = 16,
+                    seed: int = 0, shrink: int = 1) -> list[Study]:
     """Every solver on closed-form problems (the ``difsolve converge`` set).
 
-    ODE solvers: probability-flow ODE of a rotated 2-D Gaussian under VP, ``t`` from 1 to
-    ``1e-3``, exact flow (DPM-Solver on the ``"logsnr"`` grid). SDE solvers: the reverse SDE of the
-    same data (additive noise) from ``t = 1`` to ``0.05``, strong error against 16x the finest
-    steps along shared Brownian paths, weak error of the second moments against their exact
-    value; and Euler-Maruyama on geometric Brownian motion (multiplicative noise, exact solution).
+    * ODE solvers: probability-flow ODE of a rotated anisotropic 2-D Gaussian under VP, ``t`` from
+      1 to ``1e-3`` (uniform in ``t``; DPM-Solver on the ``"logsnr"`` grid), against the exact flow
+      (:class:`~difsolve.analytic.GaussianFlow`), step counts in the asymptotic range.
+    * SDE solvers on the reverse SDE of the same data (additive noise), ``t`` from 1 to 0.05:
+      strong error against 16x the finest steps along shared Brownian paths (``paths`` start
+      points from the exact ``p_1``); weak error of the mean from one start point, antithetic
+      pairs of shared paths, against 16x the finest steps.
+    * Euler-Maruyama on geometric Brownian motion (multiplicative noise): strong error against the
+      exact solution on the path, weak error of ``E X_1 = e^mu`` (``weak_paths`` antithetic
+      pairs).
+
+    ``shrink`` divides every step count (a quick smoke run; the orders are then pre-asymptotic).
     """
     from .dynamics import ProbabilityFlowODE, ReverseSDE
     from .solvers import (
@@ -497,51 +505,59 @@ def default_studies(paths: int = 256, weak_paths: int = 4000, seed: int = 0) -> 
         StochasticHeun,
     )
 
+    shrink = check_int(shrink, "shrink")
+
+    def steps_of(*ns):
+        return tuple(max(1 + i, n // shrink) for i, n in enumerate(ns))
+
     flow = gaussian_problem()
     g = torch.Generator().manual_seed(seed)
-    x_ode = flow.sample(64, 1.0, generator=g)
+    x_ode = flow.sample(ode_samples, 1.0, generator=g)
     ode = ProbabilityFlowODE(flow.field)
     t0, t1 = 1.0, flow.process.t_min
     label = "VP Gaussian PF-ODE"
     studies = []
-    for solver, steps in [(Euler(), (16, 32, 64, 128)), (Heun(), (8, 16, 32, 64)),
-                          (Midpoint(), (8, 16, 32, 64)), (Bosh3(), (8, 16, 32, 64)),
-                          (RK4(), (4, 8, 16, 32)), (Dopri5(), (4, 6, 8, 12))]:
+    for solver, steps in [(Euler(), steps_of(64, 128, 256, 512)),
+                          (Heun(), steps_of(32, 64, 128, 256)),
+                          (Midpoint(), steps_of(64, 128, 256, 512)),
+                          (Bosh3(), steps_of(32, 64, 128, 256)),
+                          (RK4(), steps_of(32, 64, 128, 256)),
+                          (Dopri5(), steps_of(8, 16, 32, 64))]:
         studies.append(ode_order(ode, x_ode, t0, t1, solver=solver, steps=steps,
                                  exact=flow.flow, label=label))
     for order in (2, 3):
-        studies.append(ode_order(ode, x_ode, t0, t1, solver=DPMSolver(order), steps=(8, 16, 32, 64),
-                                 exact=flow.flow, schedule="logsnr", label=label + ", logsnr"))
+        studies.append(ode_order(ode, x_ode, t0, t1, solver=DPMSolver(order),
+                                 steps=steps_of(16, 32, 64, 128), exact=flow.flow, schedule="logsnr",
+                                 label=label + ", logsnr"))
     sde = ReverseSDE(flow.field)
     s0, s1 = 1.0, 0.05
     x_sde = flow.sample(paths, s0, generator=g)
-    x_weak = flow.sample(weak_paths, s0, generator=g)
-    mean, cov = flow.marginal(s1)
-    second = (cov + torch.outer(mean, mean)).reshape(-1)
-
-    def moments(x):
-        return (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
-
+    x_one = flow.sample(1, s0, generator=g).expand(2, -1).clone()  # no noise left: 2 rows do
     for solver in (EulerMaruyama(), StochasticHeun()):
-        studies.append(strong_order(sde, x_sde, s0, s1, solver=solver, steps=(8, 16, 32, 64),
+        studies.append(strong_order(sde, x_sde, s0, s1, solver=solver, steps=steps_of(16, 32, 64, 128),
                                     generator=g, label="VP Gaussian reverse SDE"))
-        studies.append(weak_order(sde, x_weak, s0, s1, solver=solver, steps=(4, 8, 16, 32),
-                                  statistic=moments, exact=second, generator=g,
-                                  label="VP Gaussian reverse SDE"))
+        studies.append(weak_order(sde, x_one, s0, s1, solver=solver, steps=steps_of(16, 32, 64, 128),
+                                  generator=g, antithetic=True, label="VP Gaussian reverse SDE"))
     gbm = GeometricBrownianMotion()
     x_gbm = torch.ones(paths, 1, dtype=torch.float64)
     studies.append(strong_order(
-        gbm, x_gbm, 0.0, 1.0, solver=EulerMaruyama(), steps=(16, 32, 64, 128, 256), generator=g,
+        gbm, x_gbm, 0.0, 1.0, solver=EulerMaruyama(), steps=steps_of(16, 32, 64, 128, 256), generator=g,
         exact=lambda x, p: gbm.exact(x, p, 0.0, 1.0), label="geometric Brownian motion"))
+    studies.append(weak_order(
+        gbm, torch.ones(weak_paths, 1, dtype=torch.float64), 0.0, 1.0, solver=EulerMaruyama(),
+        steps=steps_of(8, 16, 32, 64), exact=math.exp(gbm.mu), generator=g, antithetic=True,
+        label="geometric Brownian motion"))
     return studies
 
 
-def run_converge(plot: str | None = None) -> int:
-    """``difsolve converge``: print the observed order of every solver (and write the figure)."""
+def run_converge(plot: str | None = None, **sizes) -> int:
+    """``difsolve converge``: print the observed order of every solver on the problems of
+    :func:`default_studies` (``sizes`` are its keyword arguments) and write the figure to
+    ``plot`` when given."""
     import time
 
     start = time.perf_counter()
-    studies = default_studies()
+    studies = default_studies(**sizes)
     print(f"{'solver':<26} {'problem':<30} {'steps':<18} {'observed':>8} {'95% CI':>16} "
           f"{'expected':>8}")
     for s in studies:
