@@ -52,7 +52,7 @@ from ._errors import (
     check_tensor,
 )
 from ._tensor import TimeLike, as_time, bcast, flat_sum
-from .processes import Process, _t
+from .processes import SigmaTime, _t
 
 __all__ = [
     "Poisson",
@@ -148,7 +148,7 @@ def _sample_gamma(alpha: float, n: int, generator, device) -> torch.Tensor:
 
 
 # ----- the process -----------------------------------------------------------------------------
-class Poisson(Process):
+class Poisson(SigmaTime):
     r"""PFGM++ with ``D`` augmented dimensions; time is ``sigma = r / sqrt(D)`` (as for EDM).
 
     ``a = 1``, ``b = sigma = t``; the probability-flow ODE uses ``f = 0`` and ``g^2 = 2 sigma``
@@ -186,28 +186,6 @@ class Poisson(Process):
     def exact(self) -> bool:
         """Whether the marginals are Gaussian (``D = inf``): the field is then a true score."""
         return math.isinf(self.D)
-
-    # schedule: identical to EDM
-    def marginal(self, t):
-        t = _t(t)
-        return torch.ones_like(t), t.clone()
-
-    def sigma(self, t):
-        return _t(t).clone()
-
-    def t_of_sigma(self, sigma):
-        return _t(sigma).clone()
-
-    def dsigma_dt(self, t):
-        return torch.ones_like(_t(t))
-
-    def drift_coef(self, t):
-        """``f = 0`` (used by the probability-flow ODE only)."""
-        return torch.zeros_like(_t(t))
-
-    def g2(self, t):
-        """``g^2 = 2 sigma``: the coefficient with which the PF-ODE is ``dx/dsigma = -sigma s``."""
-        return 2.0 * _t(t)
 
     def drift(self, x, t):
         """Forward drift: raises for finite ``D`` (no SDE); ``0`` for ``D = inf`` (EDM)."""

@@ -20,7 +20,7 @@ import torch
 from ._errors import check, check_positive, check_tensor
 from ._tensor import TimeLike, flat_sum
 
-__all__ = ["EDM", "VE", "VP", "Process", "SubVP"]
+__all__ = ["EDM", "VE", "VP", "Process", "SigmaTime", "SubVP"]
 
 
 def _t(t: TimeLike, ref: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,20 +239,11 @@ class SubVP(VP):
         return self.beta(t) * -torch.expm1(-2.0 * self._int_beta(t))
 
 
-class EDM(Process):
-    r"""EDM process (Karras et al. 2022): time *is* sigma, ``x_sigma = x_0 + sigma z``.
-
-    ``a = 1``, ``b = sigma = t``, ``f = 0``, ``g^2 = 2 sigma``; prior ``N(0, s_max^2 I)``.
-    """
+class SigmaTime(Process):
+    """Base of the processes whose time *is* the noise level: ``a = 1``, ``b = sigma = t``,
+    ``f = 0``, ``g^2 = d sigma^2/dt = 2 sigma`` (EDM, and PFGM++'s :class:`~difsolve.Poisson`)."""
 
     unit_scale = True
-
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.t_min = check_positive(sigma_min, "sigma_min")
-        self.t_max = check_positive(sigma_max, "sigma_max")
-        check(self.t_max > self.t_min, "sigma_max", f"greater than sigma_min={sigma_min}",
-              sigma_max)
-        self.prior_std = self.t_max
 
     def marginal(self, t):
         t = _t(t)
@@ -272,3 +263,17 @@ class EDM(Process):
 
     def g2(self, t):
         return 2.0 * _t(t)
+
+
+class EDM(SigmaTime):
+    r"""EDM process (Karras et al. 2022): time *is* sigma, ``x_sigma = x_0 + sigma z``.
+
+    ``a = 1``, ``b = sigma = t``, ``f = 0``, ``g^2 = 2 sigma``; prior ``N(0, s_max^2 I)``.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.t_min = check_positive(sigma_min, "sigma_min")
+        self.t_max = check_positive(sigma_max, "sigma_max")
+        check(self.t_max > self.t_min, "sigma_max", f"greater than sigma_min={sigma_min}",
+              sigma_max)
+        self.prior_std = self.t_max
