@@ -103,6 +103,7 @@ class DPMSolver(Solver):
     the history allows. Integrates in ``t`` or, for step control, ``time_variable="log_sigma"``.
     """
 
+    order = 2  # of the default instance; an instance's order is ``order + corrector``
     stages = 1
     native_time = True
     time_variables = ("t", "log_sigma")
