@@ -238,8 +238,11 @@ class BrownianPath:
 
     def _index(self, t: float) -> int:
         """Index ``j`` of the dyadic grid point nearest to ``t`` (clipped to the interval)."""
-        u = (t - self.t_lo) / self.span
-        return min(max(round(u * 2**self.levels), 0), 2**self.levels)
+        return int(self._indices(np.array([t], dtype=np.float64))[0])
+
+    def _indices(self, ts: np.ndarray) -> np.ndarray:
+        u = (ts - self.t_lo) / self.span
+        return np.clip(np.rint(u * 2.0**self.levels), 0, 2**self.levels).astype(np.int64)
 
     def _terms(self, js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nodes ``(R, levels + 1)`` and coefficients of the Levy-Ciesielski series at ``js``."""
