@@ -183,9 +183,13 @@ class GBM:
 
 
 @settings(max_examples=examples(1 / 4))
-@given(mu=st.floats(-1.0, 1.5), s=st.floats(0.3, 1.0), seed=st.integers(0, 2**16))
+@given(mu=st.floats(-1.0, 1.0), s=st.floats(0.5, 1.0), seed=st.integers(0, 2**16))
 def test_euler_maruyama_strong_half_on_geometric_brownian_motion(mu, s, seed):
-    """Multiplicative noise: strong order 1/2 against X_0 exp((mu - s^2/2) t + s W_t)."""
+    """Multiplicative noise: strong order 1/2 against X_0 exp((mu - s^2/2) t + s W_t).
+
+    The error is ``a s^2 h^(1/2) + b mu^2 h + ...``: order 1/2 shows at 16-256 steps when the noise
+    term dominates. Measured with weak noise: mu = 1, s = 0.31 gives 0.81 (the order-1 drift term
+    still dominates); mu = 1.5, s = 0.3 gives 0.93; mu = 1, s = 0.5 gives 0.58-0.65."""
     gbm = GBM(mu, s)
     x0 = torch.ones(256, 1, dtype=torch.float64)
 
