@@ -174,7 +174,8 @@ class BrownianPath:
 
     ``backend="torchsde"`` instead queries torchsde's ``BrownianInterval(halfway_tree=True)``
     (Li et al. 2020) at the same dyadic times (which is what makes its halfway tree terminate):
-    also query-order independent, but 10-100x slower; kept for comparison.
+    also query-order independent, but about 5x slower on non-dyadic grids (1144 log-spaced
+    queries of a (64, 2) path: 2.0 s against 0.39 s); kept for comparison.
 
     Args:
         t0, t1: end points (either order).
