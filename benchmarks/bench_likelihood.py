@@ -36,11 +36,9 @@ method is run once on 2 samples first). Run::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +46,9 @@ import torch
 from scipy import integrate
 
 import difsolve as ds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers import load_k_diffusion_sampling
 
 
 def rotated_mixture(d: int, k: int, seed: int) -> ds.GaussianMixture:
@@ -103,38 +104,6 @@ def score_sde_recipe(field, x: torch.Tensor, *, rtol=1e-5, atol=1e-5, probe=None
     return process.prior_log_prob(z) + delta, nfe
 
 
-# ----- k-diffusion ------------------------------------------------------------------------------
-def load_k_sampling():
-    """``k_diffusion.sampling`` without the package ``__init__`` (which needs heavy extras)."""
-    try:
-        from k_diffusion import sampling
-
-        return sampling
-    except Exception:  # the package __init__ needs extras: load the file alone
-        pass
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
-        del sys.modules[name]
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = [str(root)]
-    utils = types.ModuleType("k_diffusion.utils")
-
-    def append_dims(x, target_dims):  # the one helper sampling.py uses
-        return x[(...,) + (None,) * (target_dims - x.ndim)]
-
-    utils.append_dims = append_dims
-    pkg.utils = utils
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    mspec = importlib.util.spec_from_file_location("k_diffusion.sampling", root / "sampling.py")
-    module = importlib.util.module_from_spec(mspec)
-    sys.modules["k_diffusion.sampling"] = module
-    mspec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dim", type=int, default=8)
@@ -157,7 +126,7 @@ def main(argv=None) -> None:
     x64 = x64 + process.t_min * torch.randn(x64.shape, generator=gen, dtype=torch.float64)
     x = x64.to(device=device, dtype=dtype)
     exact = mix.marginal_log_prob(x64, process.t_min, process)
-    ks = load_k_sampling()
+    ks = load_k_diffusion_sampling()
 
     def denoiser(xs, sigma):  # k-diffusion model contract: D(x, sigma) = x + sigma^2 s
         return xs + sigma.reshape(-1, 1).square() * field(xs, sigma)
