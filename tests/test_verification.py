@@ -161,7 +161,9 @@ def test_sde_strong_and_weak_orders_on_reverse_sde(problem: Problem, seed: int):
         strong = strong_order(sde, x_paths, t0, t1, solver=solver, steps=(16, 32, 64, 128),
                               generator=g, schedule=problem.schedule)
         assert abs(strong.order - solver.strong_order) <= SDE_TOL, (problem, strong.table())
-        weak = weak_order(sde, x_one, t0, t1, solver=solver, steps=(16, 32, 64, 128),
+        # weak from 32 steps: from a single start point the mean's error is one deterministic
+        # curve that can still bend at 16 (thorough profile: VP, 1-D, SHeun 16..128 gave 1.58)
+        weak = weak_order(sde, x_one, t0, t1, solver=solver, steps=(32, 64, 128, 256),
                           generator=g, schedule=problem.schedule, antithetic=True)
         assert weak.errors[-1] > 100 * weak.floor[-1], weak.table()
         assert abs(weak.order - solver.weak_order) <= SDE_TOL, (problem, weak.table())
