@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .._errors import InvalidArgumentError, check, check_int, check_tensor
@@ -23,6 +24,9 @@ __all__ = ["GaussianMixture", "GaussianMixtureField"]
 
 def _as_float64(value, name: str) -> torch.Tensor:
     try:
+        if isinstance(value, (list, tuple)) and not any(isinstance(v, torch.Tensor)
+                                                        for v in value):
+            value = np.asarray(value, dtype=np.float64)  # fast path for lists of arrays
         t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InvalidArgumentError(
