@@ -291,22 +291,35 @@ def ode_order(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver,
     x0 = check_tensor(x0, "x0")
     _check_solver(solver, sde=False)
     steps = _check_steps(steps)
-    if exact is not None:
-        if not callable(exact):
-            raise ArgumentTypeError(f"argument `exact` must be callable, got {exact!r}")
-        ref, reference = exact(x0, t0, t1), "exact"
-    else:
+    _check_exact(exact)
+    errors, nfes, reference = _pathwise_errors(
+        dynamics, x0, t0, t1, solver, steps, schedule, solve_kwargs,
+        None if exact is None else exact(x0, t0, t1))
+    return Study(steps, errors, kind="ode", solver=_solver_name(solver),
+                 expected=getattr(solver, "order", None), nfe=nfes, reference=reference,
+                 label=label)
+
+
+def _check_exact(exact) -> None:
+    if exact is not None and not callable(exact):
+        raise ArgumentTypeError(f"argument `exact` must be callable, got {exact!r}")
+
+
+def _pathwise_errors(dynamics, x0, t0, t1, solver, steps, schedule, kwargs, exact_value):
+    """RMS errors at ``t1`` of every step count against ``exact_value`` or, when it is None, the
+    same solver at ``REFERENCE_FACTOR`` times the finest step count; with NFEs and a label."""
+    if exact_value is None:
         n_ref = REFERENCE_FACTOR * steps[-1]
-        ref, _ = _run(dynamics, x0, t0, t1, solver, n_ref, schedule, solve_kwargs)
+        exact_value, _ = _run(dynamics, x0, t0, t1, solver, n_ref, schedule, kwargs)
         reference = f"{n_ref} steps"
+    else:
+        reference = "exact"
     errors, nfes = [], []
     for n in steps:
-        x, nfe = _run(dynamics, x0, t0, t1, solver, n, schedule, solve_kwargs)
-        errors.append(_rms(x - ref))
+        x, nfe = _run(dynamics, x0, t0, t1, solver, n, schedule, kwargs)
+        errors.append(_rms(x - exact_value))
         nfes.append(nfe)
-    return Study(steps, errors, kind="ode", solver=_solver_name(solver),
-                 expected=getattr(solver, "order", None), nfe=tuple(nfes), reference=reference,
-                 label=label)
+    return errors, tuple(nfes), reference
 
 
 def _sde_expected(solver: Solver, dynamics, kind: str) -> float | None:
@@ -343,22 +356,12 @@ def strong_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: So
                             dtype=x0.dtype)
     elif not isinstance(path, BrownianPath):
         raise ArgumentTypeError(f"argument `path` must be a BrownianPath, got {path!r}")
-    kwargs = dict(solve_kwargs, brownian=path)
-    if exact is not None:
-        if not callable(exact):
-            raise ArgumentTypeError(f"argument `exact` must be callable, got {exact!r}")
-        ref, reference = exact(x0, path), "exact"
-    else:
-        n_ref = REFERENCE_FACTOR * steps[-1]
-        ref, _ = _run(dynamics, x0, t0, t1, solver, n_ref, schedule, kwargs)
-        reference = f"{n_ref} steps"
-    errors, nfes = [], []
-    for n in steps:
-        x, nfe = _run(dynamics, x0, t0, t1, solver, n, schedule, kwargs)
-        errors.append(_rms(x - ref))
-        nfes.append(nfe)
+    _check_exact(exact)
+    errors, nfes, reference = _pathwise_errors(
+        dynamics, x0, t0, t1, solver, steps, schedule, dict(solve_kwargs, brownian=path),
+        None if exact is None else exact(x0, path))
     return Study(steps, errors, kind="strong", solver=_solver_name(solver),
-                 expected=_sde_expected(solver, dynamics, "strong"), nfe=tuple(nfes),
+                 expected=_sde_expected(solver, dynamics, "strong"), nfe=nfes,
                  reference=reference, label=label)
 
 
