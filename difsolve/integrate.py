@@ -320,13 +320,10 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
     device, dtype = x0.device, x0.dtype
     batch = x0.shape[0]
     t0_orig, t1_orig = t0v, t1v
+    stops = save_t
     if warp is not None:
         t0v, t1v = warp.to_u(t0v), warp.to_u(t1v)
-        if save_t is not None:
-            save_t_u = warp.to_u(save_t)
-    stops = None
-    if save_t is not None:
-        stops = save_t_u if warp is not None else save_t
+        stops = None if save_t is None else warp.to_u(save_t)
     direction = torch.sign(t1v - t0v)
     span = (t1v - t0v).abs()
     ctx = StepContext(generator=generator)

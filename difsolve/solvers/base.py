@@ -13,7 +13,7 @@ back for rejected ones, and may select rows of it. ``dw`` is the Brownian increm
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +43,6 @@ class StepContext:
     n_steps: int | None = None  # number of steps of a fixed grid, None when adaptive
     index: int = 0  # index of the current step on a fixed grid
     final_sigma_zero: bool = False  # the grid ends at sigma = 0 (EDM's last Euler step)
-    extras: dict = field(default_factory=dict)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
