@@ -65,8 +65,10 @@ class PIController:
     (at most 1 after a rejection), with ``k`` the solver's error order (ODE: order; SDE: strong
     order + 0.5). ``pcoeff=0, icoeff=1`` is the classical I controller.
 
-    The first step is Hairer's automatic choice for ODEs (2 extra drift evaluations) and
-    ``dt0`` or, by default, 1% of the interval for SDEs (the choice of Jolicoeur-Martineau et al.).
+    The first step is ``dt0`` if given, else the solver's own choice where it has one
+    (``Solver.first_step``: DPMSolver in log-sigma time), else Hairer's automatic choice for ODEs
+    (2 extra drift evaluations) and 1% of the interval for SDEs (the choice of
+    Jolicoeur-Martineau et al.).
     ``dt_min``: a sample whose step would fall below it stops with status ``DT_UNDERFLOW``;
     ``dt_max`` caps ``|h|``; ``max_steps`` (accepted + rejected per sample) overrides ``solve``'s.
     """
@@ -132,6 +134,9 @@ class PIController:
                 f0, 0
         if solver.sde:
             return self.clip(direction * 0.01 * span), f0, 0
+        own = solver.first_step(dynamics, t, span)
+        if own is not None:
+            return self.clip(direction * own), f0, 0
         nfe = 0
         if f0 is None:
             f0 = dynamics.drift(x, t)

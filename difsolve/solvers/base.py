@@ -111,6 +111,11 @@ class Solver:
              dw: torch.Tensor | None, ctx: StepContext) -> Step:
         raise NotImplementedError
 
+    def first_step(self, dynamics, t: torch.Tensor, span: torch.Tensor) -> torch.Tensor | None:
+        """Size ``|h|`` of the first adaptive step if the solver knows a good one (else None:
+        the controller's estimate is used)."""
+        return None
+
     def initial_drift(self, state: State) -> torch.Tensor | None:
         """``drift(x0, t0)`` if the initial state holds it (FSAL), so step control can reuse it."""
         return None

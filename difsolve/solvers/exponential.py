@@ -124,6 +124,16 @@ class DPMSolver(Solver):
                 "argument `solver`: DPMSolver needs a ProbabilityFlowODE (dynamics with "
                 "`denoise(x, t)` and a `process`)")
 
+    def first_step(self, dynamics, t, span):
+        """In ``log sigma`` time: ``min(1, span)`` (a factor ``e`` in sigma). Sampling starts
+        where the noise dominates the data, so the data prediction is nearly constant and an
+        exponential integrator is nearly exact there; this replaces the controller's two-evaluation
+        estimate (measured on the EDM ring benchmark: 3-4 fewer evaluations per sample at equal
+        error). In ``t`` time: None (the controller's estimate)."""
+        if getattr(dynamics, "to_t", None) is None:
+            return None
+        return span.clamp(max=1.0)
+
     def _lam(self, process, t):
         a, b = process.marginal(t)
         return a, b, torch.log(a) - torch.log(b)
