@@ -106,7 +106,7 @@ def _run(samples: int, seed: int, png: str) -> int:
                                       controller=PIController(rtol=1e-4, atol=1e-4))),
         ("DPM++4+C adaptive 1e-4", dict(
             solver=DPMSolver(4, corrector=True),
-            controller=PIController(rtol=1e-4, atol=1e-4, pcoeff=0.2, icoeff=0.7, safety=0.8))),
+            controller=PIController(rtol=1e-4, atol=1e-4, pcoeff=0.3, icoeff=0.4, safety=0.8))),
         ("EDMStochasticHeun churn=10", dict(solver=EDMStochasticHeun(churn=10.0), steps=40,
                                             schedule="karras")),
         ("EulerMaruyama (400 logsnr)", dict(solver=EulerMaruyama(), steps=400,

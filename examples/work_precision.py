@@ -45,7 +45,7 @@ def main(argv=None) -> None:
         curves[name] = [point(ds.solve(dynamics, x_t, t0, t1, solver=solver, steps=n,
                                        schedule=schedule)) for n in (8, 12, 18, 27, 40, 60, 90)]
     tols = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
-    pi = {"pcoeff": 0.2, "icoeff": 0.7, "safety": 0.8}
+    pi = {"pcoeff": 0.3, "icoeff": 0.4, "safety": 0.8}
     for name, solver, tv, extra in [
             ("Dopri5 adaptive (snr coordinates)", ds.Dopri5(), "snr", {}),
             ("DPM-Solver++ 4 + corrector, adaptive", ds.DPMSolver(4, corrector=True),
