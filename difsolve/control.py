@@ -123,20 +123,20 @@ class PIController:
 
     def initial_step(self, dynamics, solver, x: torch.Tensor, t: torch.Tensor,
                      direction: torch.Tensor, span: torch.Tensor, f0: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Signed first step ``(B,)``, ``f(x0, t0)`` (for FSAL reuse) and the NFE it cost.
+                     ) -> tuple[torch.Tensor, int]:
+        """Signed first step ``(B,)`` and the NFE it cost (``f0``: ``f(x0, t0)`` if already
+        known, e.g. an FSAL solver's first stage, so that it is not evaluated again).
 
         ODEs: Hairer, Norsett & Wanner I, II.4 ("starting step size"); SDEs: ``dt0`` or 1% of the
         interval.
         """
         if self.dt0 is not None:
-            return self.clip(direction * torch.minimum(span, torch.full_like(span, self.dt0))), \
-                f0, 0
+            return self.clip(direction * torch.minimum(span, torch.full_like(span, self.dt0))), 0
         if solver.sde:
-            return self.clip(direction * 0.01 * span), f0, 0
+            return self.clip(direction * 0.01 * span), 0
         own = solver.first_step(dynamics, t, span)
         if own is not None:
-            return self.clip(direction * own), f0, 0
+            return self.clip(direction * own), 0
         nfe = 0
         if f0 is None:
             f0 = dynamics.drift(x, t)
@@ -154,7 +154,7 @@ class PIController:
         h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                          (0.01 / dmax.clamp(min=1e-30)).pow(1.0 / (solver.order + 1)))
         h = torch.minimum(torch.minimum(100 * h0, h1), span)
-        return self.clip(direction * h), f0, nfe
+        return self.clip(direction * h), nfe
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None)

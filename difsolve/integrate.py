@@ -337,7 +337,7 @@ def _solve_adaptive(dynamics, warp, x0, t0v, t1v, solver, controller, generator,
     t = t0v.clone()
     state, nfe = solver.init(dynamics, x, t, ctx)
     f0 = solver.initial_drift(state)
-    h, _, nfe_init = controller.initial_step(dynamics, solver, x, t, direction, span, f0)
+    h, nfe_init = controller.initial_step(dynamics, solver, x, t, direction, span, f0)
     nfe += nfe_init
 
     long = dict(dtype=torch.long, device=device)
