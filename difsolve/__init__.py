@@ -12,11 +12,12 @@ from .brownian import BrownianPath
 from .control import SCHEDULES, PIController
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
 from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
-from .integrate import Solution, Stats, Status, solve
+from .fields.poisson import PoissonField
+from .integrate import solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
-from .poisson import Poisson, PoissonField
-from .processes import EDM, VE, VP, Process, SubVP
+from .processes import EDM, VE, VP, Poisson, Process, SubVP
 from .sample import sample
+from .solution import Solution, Stats, Status
 from .solvers import (
     RK4,
     AnnealedLangevin,

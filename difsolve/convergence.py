@@ -38,7 +38,8 @@ import torch
 
 from ._errors import ArgumentTypeError, InvalidArgumentError, check, check_int, check_tensor
 from .brownian import BrownianPath
-from .integrate import Status, solve
+from .integrate import solve
+from .solution import Status
 from .solvers.base import Solver
 
 __all__ = ["Study", "fit_order", "ode_order", "plot_studies", "run_converge", "strong_order",

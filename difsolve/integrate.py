@@ -10,9 +10,7 @@ underflow).
 
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +19,7 @@ from ._tensor import all_finite, as_time, bcast
 from .brownian import BridgedNoise, BrownianPath, FreshNoise
 from .control import PIController, make_grid
 from .dynamics import time_change
+from .solution import Solution, Stats, Status
 from .solvers.base import Solver, StepContext
 
 __all__ = ["Solution", "Stats", "Status", "solve"]
@@ -28,45 +27,6 @@ __all__ = ["Solution", "Stats", "Status", "solve"]
 TIME_VARIABLES = ("t", "log_sigma", "snr")
 #: consecutive non-finite proposals after which an adaptive sample stops with NONFINITE
 NONFINITE_RETRIES = 5
-
-
-class Status(enum.IntEnum):
-    """Per-sample outcome of a solve."""
-
-    SUCCESS = 0
-    MAX_STEPS = 1
-    NONFINITE = 2
-    DT_UNDERFLOW = 3
-
-
-@dataclass
-class Stats:
-    """Work counters. ``nfe`` counts batched calls of the dynamics (or field); the ``(B,)``
-    tensors count per sample."""
-
-    nfe: int
-    nfe_per_sample: torch.Tensor
-    steps: torch.Tensor
-    accepted: torch.Tensor
-    rejected: torch.Tensor
-
-
-@dataclass
-class Solution:
-    """Result of :func:`solve`: final state ``x`` at time ``t`` (``(B,)``), saved states
-    ``xs`` (``(S, B, ...)``) at times ``ts`` when ``save_at`` was given, ``stats`` and ``status``."""
-
-    x: torch.Tensor
-    t: torch.Tensor
-    stats: Stats
-    status: torch.Tensor
-    ts: torch.Tensor | None = None
-    xs: torch.Tensor | None = None
-
-    @property
-    def success(self) -> bool:
-        """Whether every sample finished with :attr:`Status.SUCCESS` (synchronises)."""
-        return bool((self.status == Status.SUCCESS).all())
 
 
 class _PathNoise:

@@ -56,7 +56,8 @@ from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, che
 from .control import PIController
 from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
-from .integrate import Stats, Status, solve
+from .integrate import solve
+from .solution import Stats, Status
 from .solvers.base import Solver
 from .solvers.runge_kutta import Dopri5
 

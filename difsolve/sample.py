@@ -9,7 +9,8 @@ from .control import PIController
 from .dynamics import ProbabilityFlowODE, ReverseSDE
 from .fields.base import check_field
 from .fields.base import denoise as tweedie
-from .integrate import Solution, solve
+from .integrate import solve
+from .solution import Solution
 from .solvers.base import Solver
 from .solvers.runge_kutta import Heun
 

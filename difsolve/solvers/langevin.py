@@ -26,6 +26,7 @@ from .._errors import ArgumentTypeError, IncompatibleError, check, check_int, ch
 from .._tensor import all_finite, bcast
 from ..fields.base import check_field, is_exact
 from ..fields.base import denoise as tweedie
+from ..solution import Solution, Stats, Status
 
 __all__ = ["NORM_RULES", "AnnealedLangevin", "Langevin", "annealed_langevin"]
 
@@ -265,8 +266,6 @@ class AnnealedLangevin:
         ``denoise=True`` ends with one Tweedie step ``x0 = (x + b_L^2 s) / a`` at ``sigma_L``
         (one more score evaluation). ``status`` is ``NONFINITE`` for rows that overflowed.
         """
-        from ..integrate import Solution, Stats, Status
-
         self._check_field(field)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
             raise ArgumentTypeError(
