@@ -46,6 +46,8 @@ class Process(ABC):
     unit_scale: bool = False
     #: standard deviation of the Gaussian prior N(0, prior_std^2 I) at t_max
     prior_std: float = 1.0
+    #: times at which the marginals are defined; solves outside it are refused
+    domain: tuple[float, float] = (0.0, math.inf)
 
     # ----- schedule -----------------------------------------------------------------------
     @abstractmethod
