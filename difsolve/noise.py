@@ -66,8 +66,18 @@ class GeneratorStream:
         return torch.randn(like.shape, generator=self.generator, device=like.device,
                            dtype=like.dtype)
 
-    def rand_bits(self, shape, device) -> torch.Tensor:
+    def rand_bits(self, shape, device, rows: torch.Tensor | None = None) -> torch.Tensor:
         return torch.randint(0, 2, shape, generator=self.generator, device=device)
+
+    def rand(self, like: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.rand(like.shape, generator=self.generator, device=like.device,
+                          dtype=like.dtype)
+
+    def prior(self, process, shape, device, dtype) -> torch.Tensor:
+        """A draw of ``shape = (B, ...)`` from ``process``'s prior."""
+        device = device if device is not None else (
+            self.generator.device if self.generator is not None else None)
+        return process.prior_sample(shape, generator=self.generator, device=device, dtype=dtype)
 
 
 class SeededStream:
@@ -97,12 +107,25 @@ class SeededStream:
         return rows.tolist()
 
     def randn(self, like: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        shape = like.shape[1:]
-        out = [torch.randn(shape, generator=self.generators[r], device=self._gen_device,
-                           dtype=like.dtype) for r in self._rows(like, rows)]
+        return self._per_row(torch.randn, like, rows)
+
+    def rand(self, like: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self._per_row(torch.rand, like, rows)
+
+    def _per_row(self, draw, like, rows) -> torch.Tensor:
+        out = [draw(like.shape[1:], generator=self.generators[r], device=self._gen_device,
+                    dtype=like.dtype) for r in self._rows(like, rows)]
         if not out:
             return torch.empty_like(like)
         return torch.stack(out).to(like.device)
+
+    def prior(self, process, shape, device, dtype) -> torch.Tensor:
+        """Row ``i`` of a prior draw is drawn alone from generator ``i``."""
+        rows = [process.prior_sample((1, *shape[1:]), generator=g, device=self._gen_device,
+                                     dtype=dtype) for g in self.generators]
+        if not rows:
+            return torch.empty(shape, device=device, dtype=dtype)
+        return torch.cat(rows).to(device if device is not None else self.device)
 
     def rand_bits(self, shape, device, rows: torch.Tensor | None = None) -> torch.Tensor:
         like = torch.empty(shape, device="meta")
@@ -148,7 +171,10 @@ def check_seeds(seeds, batch: int) -> list[int]:
 
 def make_stream(generator=None, seeds=None, batch: int | None = None,
                 device=None) -> GeneratorStream | SeededStream:
-    """The random stream of a solve: per-row seeds when given, else the (checked) generator."""
+    """The random stream of a solve: per-row seeds when given, else the (checked) generator
+    (which may already be a stream, as when :func:`~difsolve.sample` hands its own on)."""
+    if isinstance(generator, (GeneratorStream, SeededStream)) and seeds is None:
+        return generator
     if seeds is not None:
         if generator is not None:
             raise ArgumentTypeError(
