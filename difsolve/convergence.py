@@ -287,7 +287,7 @@ def ode_order(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver,
         exact: ``exact(x0, t0, t1) -> x(t1)``; None: the same solver at ``16 max(steps)`` steps.
         schedule: the step schedule of every run (e.g. ``"logsnr"`` for DPM-Solver).
         label: names the problem in tables and plots.
-        **solve_kwargs: passed on to :func:`difsolve.solve` (e.g. ``time_variable``).
+        **solve_kwargs: passed on to :func:`difsolve.solve` (e.g. ``time_variable``, ``cond``).
     """
     x0 = check_tensor(x0, "x0")
     _check_solver(solver, sde=False)
