@@ -591,7 +591,9 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     else:
         has_stop, target = None, s.end
     remaining = (target - s.t) * s.direction
-    landing = s.h.abs() >= remaining
+    # land when the step covers what is left up to rounding (no sliver steps of a few ulps)
+    slack = 64 * torch.finfo(s.t.dtype).eps * torch.maximum(target.abs(), s.t.abs())
+    landing = s.h.abs() >= remaining - slack
     h_try = s.direction * torch.minimum(s.h.abs(), remaining)
     dw = proposal = None
     if noise is not None:
