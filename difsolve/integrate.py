@@ -342,11 +342,10 @@ def _grid(steps, schedule, problem: _Problem) -> torch.Tensor:
     return grid
 
 
-def _columns(grid: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
-    """The grid's times as ``N + 1`` per-sample ``(B,)`` views (made once, not per step)."""
-    if grid.ndim == 1:
-        grid = grid[:, None].expand(-1, batch)
-    return grid.unbind(0)
+def _columns(grid: torch.Tensor, batch: int) -> torch.Tensor:
+    """The grid as ``(N + 1, B)``: a grid shared by the batch is expanded, not copied, so
+    ``columns[i]`` is a stride-0 ``(B,)`` view (one cheap select per step)."""
+    return grid[:, None].expand(-1, batch) if grid.ndim == 1 else grid
 
 
 def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
