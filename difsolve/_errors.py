@@ -101,6 +101,33 @@ def check_real(value: Any, name: str, *, finite: bool = True) -> float:
     return value
 
 
+def check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    """One of the names ``choices`` (a string; anything else is an :class:`ArgumentTypeError`)."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"argument `{name}` must be one of {choices}, got {_short(value)}")
+    check(value in choices, name, f"one of {choices}", value)
+    return value
+
+
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """``None`` or a device that exists here (a ``torch.device``, a string such as ``"cuda"``, or
+    a CUDA index)."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ArgumentTypeError(
+            f"argument `{name}` must be a torch.device, a device string or None, got "
+            f"{_short(device)}")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise InvalidArgumentError(
+            f"argument `{name}` must be a device available here, got {_short(device)} ({exc})"
+        ) from None
+    return device
+
+
 def _is_numpy_int(value: Any) -> bool:
     return isinstance(value, np.integer)
 

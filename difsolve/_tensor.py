@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._errors import ArgumentTypeError, check
+from ._errors import ArgumentTypeError, InvalidArgumentError, _short, check
 
 TimeLike = float | int | torch.Tensor
 
@@ -44,19 +44,51 @@ def as_time(t: TimeLike, x: torch.Tensor, name: str = "t",
     return t
 
 
+def check_output(value, like: torch.Tensor, name: str, what: str = "return") -> torch.Tensor:
+    """A user callable's output ``value`` for the state ``like``: a floating-point tensor of
+    ``like``'s shape and device (cast to ``like``'s dtype). Metadata only: no synchronisation.
+
+    Raises :class:`ArgumentTypeError` / :class:`InvalidArgumentError` naming ``name`` (a field
+    returning ``(B, 1)`` would otherwise be broadcast silently, a tuple fail deep inside)."""
+    if type(value) is torch.Tensor and value.shape == like.shape and value.dtype == like.dtype \
+            and value.device == like.device:
+        return value  # the common case, decided in one line
+    if not isinstance(value, torch.Tensor):
+        raise ArgumentTypeError(
+            f"argument `{name}` must {what} a tensor shaped like x {tuple(like.shape)}, got "
+            f"{_short(value)}")
+    if not value.is_floating_point():
+        raise ArgumentTypeError(
+            f"argument `{name}` must {what} a floating-point tensor, got {value.dtype}")
+    if value.shape != like.shape:
+        raise InvalidArgumentError(
+            f"argument `{name}` must {what} a tensor shaped like x {tuple(like.shape)}, got "
+            f"shape {tuple(value.shape)}")
+    if value.device != like.device:
+        raise InvalidArgumentError(
+            f"argument `{name}` must {what} a tensor on x's device {like.device}, got "
+            f"{value.device}")
+    return value.to(like.dtype)
+
+
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root-mean-square over every dimension but the first: shape ``(B,)``."""
-    return x.reshape(x.shape[0], -1).square().mean(dim=1).sqrt()
+    return _by_row(x).square().mean(dim=1).sqrt()
 
 
 def flat_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the first: shape ``(B,)``."""
-    return x.reshape(x.shape[0], -1).sum(dim=1)
+    return _by_row(x).sum(dim=1)
 
 
 def all_finite(x: torch.Tensor) -> torch.Tensor:
     """Per-sample finiteness flag ``(B,)`` (no host synchronisation)."""
-    return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    return torch.isfinite(_by_row(x)).all(dim=1)
+
+
+def _by_row(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(B, n)`` (also for an empty batch, where ``reshape(B, -1)`` is ambiguous)."""
+    return x.flatten(1) if x.ndim > 1 else x[:, None]
 
 
 def _is_numpy_number(value) -> bool:

@@ -13,7 +13,16 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from ._errors import ArgumentTypeError, check, check_int
+from ._errors import (
+    ArgumentTypeError,
+    check,
+    check_choice,
+    check_device,
+    check_int,
+    check_real,
+    check_shape,
+)
+from .noise import check_generator
 
 __all__ = ["BrownianPath"]
 
@@ -103,22 +112,19 @@ class BrownianPath:
         check(t0 != t1, "t1", f"different from t0={t0}", t1)
         self.t_lo, self.t_hi = min(t0, t1), max(t0, t1)
         self.span = self.t_hi - self.t_lo
-        try:
-            self.shape = tuple(int(s) for s in shape)
-        except TypeError:
-            raise ArgumentTypeError(
-                f"argument `shape` must be a tuple of ints, got {shape!r}") from None
-        check(len(self.shape) >= 1 and all(s >= 1 for s in self.shape), "shape",
-              "a shape (B, ...) of positive sizes", shape)
+        check(math.isfinite(self.span), "t1", f"at a finite distance from t0={t0}", t1)
+        self.shape = check_shape(shape)
         self.levels = check_int(levels, "levels")
         check(self.levels <= 60, "levels", "at most 60", levels)
-        check(backend in BACKENDS, "backend", f"one of {BACKENDS}", backend)
+        check_choice(backend, BACKENDS, "backend")
         self.backend = backend
-        if generator is not None and not isinstance(generator, torch.Generator):
+        generator = check_generator(generator)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentTypeError(
-                f"argument `generator` must be a torch.Generator, got {generator!r}")
+                f"argument `dtype` must be a floating-point torch.dtype (Brownian increments are "
+                f"real), got {dtype!r}")
         self.dtype = dtype or torch.get_default_dtype()
-        self.device = torch.device(device or "cpu")
+        self.device = check_device(device) or torch.device("cpu")
         gen_device = generator.device if generator is not None else "cpu"
         self.entropy = int(torch.randint(0, 2**62, (1,), generator=generator,
                                          device=gen_device).item())
@@ -126,7 +132,8 @@ class BrownianPath:
         self._numel = self.shape[0] * self._rowsize
         self._scale = 2.0**-self.levels
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._cache_size = int(min(4096, max(2 * self.levels + 8, 2**28 // (8 * self._numel))))
+        self._cache_size = int(min(4096, max(2 * self.levels + 8,
+                                             2**28 // (8 * max(1, self._numel)))))
         self._bm = None
         self._sign = 1.0
         if backend == "torchsde":
@@ -302,10 +309,4 @@ class BrownianPath:
 
 
 def _number(value, name: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"argument `{name}` must be a real number, got {value!r}")
-    value = float(value)
-    check(math.isfinite(value), name, "finite", value)
-    return value
+    return check_real(value, name)

@@ -138,7 +138,10 @@ class PIController:
     (2 extra drift evaluations) and 1% of the interval for SDEs (the choice of
     Jolicoeur-Martineau et al.).
     Faults: a sample whose step falls below ``dt_min`` (or below 8 machine epsilons of its time)
-    before reaching the end stops with ``DT_UNDERFLOW``; after ``NONFINITE_RETRIES`` consecutive
+    before reaching the end stops with ``DT_UNDERFLOW``, and so does one whose step is rejected
+    while its tolerance is finer than one rounding unit of its state (``rtol`` below the dtype's
+    epsilon, or ``atol`` below the state's spacing: e.g. ``1e-300``, or ``rtol=1e-3`` for a
+    bfloat16 state), which no step size can meet; after ``NONFINITE_RETRIES`` consecutive
     non-finite proposals with ``NONFINITE``. ``dt_max`` caps ``|h|``; ``max_steps`` (accepted +
     rejected per sample) overrides ``solve``'s.
     """
@@ -189,6 +192,9 @@ class PIController:
         ratio = self.error_ratio(p.error, p.x, p.x_new)
         ratio = torch.where(p.finite, ratio, math.inf)
         accept = ratio <= 1.0
+        # a tolerance below one rounding unit of the state cannot be met by shrinking the step
+        # (the error estimate is then rounding noise, now and then exactly 0): fail on rejection
+        unresolvable = self.rounding_ratio(p.x, p.x_new) > 1.0
         fac = self.factor(ratio, prev_ratio, accept, p.error_order)
         h_prop, h_tried = p.h_proposed.abs(), p.h_tried.abs()
         cut = accept & (h_prop > h_tried)  # resume the size before a shortened landing step
@@ -198,6 +204,7 @@ class PIController:
         too_small = (h_next.abs() < tiny * p.t_new.abs().clamp(min=1.0)) & (h_next.abs() < p.left)
         if self.dt_min is not None:
             too_small = too_small | ((h_next.abs() < self.dt_min) & (h_next.abs() < p.left))
+        too_small = too_small | (unresolvable & ~accept)
         fault = torch.where(too_small & p.finite, Status.DT_UNDERFLOW.value, _NO_FAULT)
         fault = torch.where(streak >= NONFINITE_RETRIES, Status.NONFINITE.value, fault)
         return Decision(accept=accept, h=h_next, state=(torch.where(accept, ratio, prev_ratio),
@@ -210,6 +217,14 @@ class PIController:
         scale = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
         ratio = self.norm(error / scale)
         return torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
+
+    def rounding_ratio(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        """Per-sample norm of one rounding unit of the state in units of the tolerance
+        ``(B,)``: above 1, the tolerance is finer than the state's dtype resolves."""
+        ymax = torch.maximum(y0.abs(), y1.abs())
+        scale = self.atol + self.rtol * ymax
+        return self.norm(torch.finfo(y1.dtype).eps * ymax / scale)
+
     def factor(self, ratio: torch.Tensor, prev_ratio: torch.Tensor, accept: torch.Tensor,
                error_order: float) -> torch.Tensor:
         """Step multiplier from the current and previous error ratios."""
@@ -252,7 +267,7 @@ class PIController:
         d0, d1 = self.norm(x / scale), self.norm(f0 / scale)
         small = (d0 < 1e-5) | (d1 < 1e-5)
         h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-30))
-        h0 = torch.minimum(h0, span)
+        h0 = torch.minimum(torch.nan_to_num(h0, nan=1e-6), span)  # nan: zero tolerance scale
         x1 = x + bcast(direction * h0, x) * f0
         f1 = dynamics.drift(x1, t + direction * h0)
         nfe += 1
@@ -260,7 +275,7 @@ class PIController:
         dmax = torch.maximum(d1, d2)
         h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                          (0.01 / dmax.clamp(min=1e-30)).pow(1.0 / (solver.order + 1)))
-        h = torch.minimum(torch.minimum(100 * h0, h1), span)
+        h = torch.minimum(torch.minimum(100 * h0, torch.nan_to_num(h1, nan=1e-6)), span)
         return self.clip(direction * h), nfe
 
     def __repr__(self) -> str:

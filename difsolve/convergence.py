@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._errors import ArgumentTypeError, InvalidArgumentError, check, check_int, check_tensor
+from ._errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    check,
+    check_int,
+    check_real,
+    check_tensor,
+)
 from .brownian import BrownianPath
 from .integrate import solve
 from .solution import Status
@@ -251,10 +258,7 @@ def _time(value, name: str) -> float:
     if isinstance(value, torch.Tensor):
         check(value.numel() == 1, name, "a number (the same time for every path)",
               tuple(value.shape))
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"argument `{name}` must be a number, got {value!r}")
-    return float(value)
+    return check_real(value, name)
 
 
 def _run(dynamics, x0, t0, t1, solver, n, schedule, kwargs) -> tuple[torch.Tensor, int]:
@@ -426,7 +430,13 @@ def weak_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: Solv
         return v.reshape(batch, -1).double()
 
     if exact is not None:
-        target = torch.as_tensor(exact, dtype=torch.float64, device=x0.device).reshape(-1)
+        try:
+            target = torch.as_tensor(exact, dtype=torch.float64, device=x0.device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentTypeError(
+                f"argument `exact` must be a number or a tensor (E statistic), got {exact!r}"
+            ) from None
+        check(bool(torch.isfinite(target).all()), "exact", "finite", exact)
         reference, ref_phi = "exact", None
     else:
         n_ref = REFERENCE_FACTOR * steps[-1]

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from ._errors import IncompatibleError
-from ._tensor import bcast
+from ._errors import IncompatibleError, InvalidArgumentError, _short
+from ._tensor import bcast, check_output
 from .fields.base import check_field, denoise, is_exact
 
-__all__ = ["TIME_VARIABLES", "LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "TimeChange",
-           "is_sde", "time_change"]
+__all__ = ["TIME_VARIABLES", "CheckedDynamics", "LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE",
+           "SNRTime", "TimeChange", "is_sde", "time_change"]
 
 
 def is_sde(dynamics) -> bool:
@@ -34,8 +34,15 @@ def is_sde(dynamics) -> bool:
     return callable(getattr(dynamics, "diffusion", None))
 
 
+def score(field, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """``field(x, t, **cond)``, checked to be a floating-point tensor shaped like ``x``."""
+    return check_output(field(x, t, **cond), x, "field")
+
+
 class ProbabilityFlowODE:
     """Probability-flow ODE ``dx/dt = f(t) x - g(t)^2 s(x, t) / 2`` of a score field."""
+
+    output_checked = True  # the field's output is checked here (the solve loop need not)
 
     def __init__(self, field):
         check_field(field)
@@ -45,11 +52,11 @@ class ProbabilityFlowODE:
     def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         f = self.process.drift_coef(t)
         g2 = self.process.g2(t)
-        return bcast(f, x) * x - 0.5 * bcast(g2, x) * self.field(x, t, **cond)
+        return bcast(f, x) * x - 0.5 * bcast(g2, x) * score(self.field, x, t, cond)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """Data prediction ``E[x0 | x_t]`` of the field (used by exponential integrators)."""
-        return denoise(self.field, x, t, **cond)
+        return check_output(denoise(self.field, x, t, **cond), x, "field")
 
     def __repr__(self) -> str:
         return f"ProbabilityFlowODE({self.field!r})"
@@ -63,6 +70,7 @@ class ReverseSDE:
     """
 
     noise = "additive"
+    output_checked = True
 
     def __init__(self, field):
         check_field(field)
@@ -79,16 +87,64 @@ class ReverseSDE:
     def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         f = self.process.drift_coef(t)
         g2 = self.process.g2(t)
-        return bcast(f, x) * x - bcast(g2, x) * self.field(x, t, **cond)
+        return bcast(f, x) * x - bcast(g2, x) * score(self.field, x, t, cond)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         return self.process.g2(t).sqrt()
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return denoise(self.field, x, t, **cond)
+        return check_output(denoise(self.field, x, t, **cond), x, "field")
 
     def __repr__(self) -> str:
         return f"ReverseSDE({self.field!r})"
+
+
+class CheckedDynamics:
+    """A user's dynamics with every ``drift`` (and ``diffusion``, ``denoise``) output checked:
+    a floating-point tensor shaped like ``x`` (a diffusion may also be per row, ``(B,)``, or a
+    scalar), cast to ``x``'s dtype. Other attributes are the dynamics' own. difsolve's own
+    dynamics check their field's output themselves (``output_checked = True``) and are not
+    wrapped."""
+
+    def __init__(self, dynamics):
+        self._inner = dynamics
+        if is_sde(dynamics):
+            self.noise = getattr(dynamics, "noise", "additive")
+            self.diffusion = self._diffusion
+        if callable(getattr(dynamics, "denoise", None)):
+            self.denoise = self._denoise
+
+    @staticmethod
+    def wrap(dynamics):
+        """``dynamics`` itself when it checks its outputs, else wrapped."""
+        return dynamics if getattr(dynamics, "output_checked", False) else CheckedDynamics(dynamics)
+
+    def __getattr__(self, name):
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return check_output(self._inner.drift(x, t, **cond), x, "dynamics", "have drift return")
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return check_output(self._inner.denoise(x, t, **cond), x, "dynamics",
+                            "have denoise return")
+
+    def _diffusion(self, *args) -> torch.Tensor:
+        g = self._inner.diffusion(*args)
+        t = args[-1]
+        if len(args) == 2 and isinstance(g, torch.Tensor) and g.ndim >= 2:
+            return check_output(g, args[0], "dynamics", "have diffusion return")
+        if not isinstance(g, torch.Tensor) or not g.is_floating_point() or not (
+                g.ndim == 0 or g.shape[0] == t.shape[0]):
+            raise InvalidArgumentError(
+                f"argument `dynamics` must have diffusion return a floating-point tensor of "
+                f"shape () or ({t.shape[0]}, ...) (per row), got {_short(g)}")
+        return g
+
+    def __repr__(self) -> str:
+        return f"CheckedDynamics({self._inner!r})"
 
 
 class TimeChange:

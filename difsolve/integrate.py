@@ -27,18 +27,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, check_tensor
+from ._errors import (
+    ArgumentTypeError,
+    IncompatibleError,
+    check,
+    check_choice,
+    check_int,
+    check_tensor,
+)
 from ._tensor import all_finite, as_time, bcast, time_dtype
 from .brownian import BrownianPath
 from .conditioning import Conditioned, RowCondition
-from .control import Controller, Proposal, make_grid
-from .dynamics import TIME_VARIABLES, time_change
+from .control import SCHEDULES, Controller, Proposal, make_grid
+from .dynamics import TIME_VARIABLES, CheckedDynamics, time_change
 from .noise import BridgedNoise, FreshNoise, GeneratorStream, NoiseSource, make_stream
 from .solution import Solution, Stats, Status
 from .solvers.base import Solver, StepContext
 
 __all__ = ["CHECK_EVERY", "LoopState", "solve"]
 
+#: larger step budgets are this one (no solve takes 2^62 steps; counters stay in int64)
+MAX_STEPS_CAP = 2**62
 #: on fixed grids, rows are checked for non-finite values every this many steps (and at the end)
 CHECK_EVERY = 8
 
@@ -139,6 +148,8 @@ class _Problem:
         """``(outer, integrated)`` dynamics for the rows of ``cond``: the condition bound, then
         the time change (None in ``t``)."""
         outer = Conditioned(self.dynamics, cond) if cond else self.dynamics
+        if not getattr(self.dynamics, "output_checked", False):  # a user's dynamics
+            outer = CheckedDynamics(outer)
         warp = time_change(outer, self.time_variable)
         return outer, warp
 
@@ -174,8 +185,8 @@ class _Problem:
                 f"argument `solver` must be a difsolve Solver instance (e.g. ds.Heun()), got "
                 f"{solver!r}")
         solver.check_dynamics(dynamics)
-        check(time_variable in TIME_VARIABLES, "time_variable", f"one of {TIME_VARIABLES}",
-              time_variable)
+        check_choice(time_variable, TIME_VARIABLES, "time_variable")
+        check_choice(schedule, SCHEDULES, "schedule")
         if time_variable not in solver.time_variables:
             raise IncompatibleError(
                 f"argument `time_variable`: {type(solver).__name__} supports "
@@ -193,7 +204,8 @@ class _Problem:
         if controller is not None:
             _check_controller(controller, solver, corrector)
             if controller.max_steps is not None:
-                max_steps = controller.max_steps
+                max_steps = check_int(_int_like(controller.max_steps), "controller.max_steps")
+        max_steps = min(max_steps, MAX_STEPS_CAP)
         _check_corrector(corrector, dynamics)
         stream = make_stream(generator, seeds, x0.shape[0], x0.device)
         tdtype = time_dtype(x0.dtype)
@@ -601,6 +613,8 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     step = solver.step(dynamics, s.x, s.t, h_try, s.solver, dw, ctx)
     x_new = step.x if step.x.dtype == s.x.dtype else step.x.to(s.x.dtype)
     finite = all_finite(x_new)
+    if step.error is not None:  # a NaN error estimate is a fault, not a reason to shrink h
+        finite = finite & all_finite(step.error)
     t_new = torch.where(landing, target, s.t + h_try)
     decision = controller.adapt(s.controller, Proposal(
         x=s.x, x_new=x_new, error=step.error, h_proposed=s.h, h_tried=h_try, t_new=t_new,

@@ -52,7 +52,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, check_tensor
+from ._errors import (
+    ArgumentTypeError,
+    IncompatibleError,
+    check,
+    check_choice,
+    check_int,
+    check_tensor,
+)
 from ._tensor import rms
 from .control import Controller, PIController
 from .dynamics import ProbabilityFlowODE
@@ -126,7 +133,7 @@ class Hutchinson:
 
     def __init__(self, probes: int = 1, noise: str = "rademacher"):
         self.probes = check_int(probes, "probes")
-        check(noise in NOISES, "noise", f"one of {NOISES}", noise)
+        check_choice(noise, NOISES, "noise")
         self.noise = noise
 
     def draw(self, shape: tuple[int, ...], *, generator=None, device=None, dtype=None
@@ -202,6 +209,8 @@ class LogLikelihood:
 
 class _AugmentedFlow:
     """Probability-flow ODE of one row ``[x | probes | accumulators]`` in the time ``t``."""
+
+    output_checked = True  # built from ProbabilityFlowODE.drift, which checks the field
 
     def __init__(self, field, trace, shape: tuple[int, ...], accumulators: int):
         self.ode = ProbabilityFlowODE(field)
@@ -324,8 +333,7 @@ def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | N
         raise IncompatibleError(
             f"argument `solver`: {type(solver).__name__} cannot integrate the augmented "
             "likelihood ODE; use a Runge-Kutta ODE solver such as Dopri5() or Heun()")
-    check(time_variable in TIME_VARIABLES, "time_variable", f"one of {TIME_VARIABLES}",
-          time_variable)
+    check_choice(time_variable, TIME_VARIABLES, "time_variable")
     if steps is not None and controller is not None:
         raise IncompatibleError(
             "arguments `steps` and `controller`: give at most one (fixed steps or a controller)")

@@ -143,6 +143,7 @@ def check_generator(generator, name: str = "generator") -> torch.Generator | Non
     if isinstance(generator, bool) or not _is_integer(generator):
         raise ArgumentTypeError(
             f"argument `{name}` must be a torch.Generator or an int seed, got {generator!r}")
+    check(-(2**63) <= int(generator) < 2**64, name, "an int seed in [-2^63, 2^64)", generator)
     return torch.Generator().manual_seed(int(generator))
 
 

@@ -8,8 +8,15 @@ from collections.abc import Callable
 
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, check, check_real, check_shape
-from ._tensor import all_finite, bcast
+from ._errors import (
+    ArgumentTypeError,
+    IncompatibleError,
+    check,
+    check_device,
+    check_real,
+    check_shape,
+)
+from ._tensor import all_finite, bcast, check_output
 from .conditioning import ConditionedField, RowCondition
 from .control import Controller
 from .dynamics import ProbabilityFlowODE, ReverseSDE
@@ -130,6 +137,7 @@ def _start(process, shape, x_T, generator, seeds, device, dtype):
     if shape is None:
         raise ArgumentTypeError("argument `shape` is required unless `x_T` is given")
     shape = check_shape(shape)
+    device = check_device(device)
     if dtype is not None:
         check(isinstance(dtype, torch.dtype) and dtype.is_floating_point, "dtype",
               "a floating-point torch.dtype", dtype)
@@ -144,10 +152,12 @@ def _denoise_end(field, sol: Solution, cond) -> None:
     if rows:
         bound = ConditionedField(field, rows)
     with torch.no_grad():
-        x0 = tweedie(bound, sol.x, sol.t).to(sol.x.dtype)
+        x0 = check_output(tweedie(bound, sol.x, sol.t), sol.x, "field")
     ok = all_finite(x0) & (sol.status == Status.SUCCESS.value)
     sol.status = torch.where(ok | (sol.status != Status.SUCCESS.value), sol.status,
                              Status.NONFINITE.value)
     sol.x = torch.where(bcast(ok, x0), x0, math.nan)
+    if sol.last_x is not None:  # a row that succeeded ends at its sample
+        sol.last_x = torch.where(bcast(ok, x0), x0, sol.last_x)
     sol.stats.nfe += 1
     sol.stats.nfe_per_sample += 1

@@ -191,7 +191,11 @@ def test_bad_arguments():
     with pytest.raises(ds.ArgumentTypeError, match="shape"):
         ds.BrownianPath(0.0, 1.0, 3)
     with pytest.raises(ds.ArgumentTypeError, match="generator"):
-        ds.BrownianPath(0.0, 1.0, (2,), generator=0)
+        ds.BrownianPath(0.0, 1.0, (2,), generator="0")
+    # an int seed is a generator, as everywhere else in difsolve
+    assert torch.equal(ds.BrownianPath(0.0, 1.0, (2,), generator=5)(0.0, 1.0),
+                       ds.BrownianPath(0.0, 1.0, (2,), generator=torch.Generator().manual_seed(5))(
+                           0.0, 1.0))
     with pytest.raises(ds.InvalidArgumentError, match="backend"):
         ds.BrownianPath(0.0, 1.0, (2,), backend="tree")
     with pytest.raises(ds.InvalidArgumentError, match="levels"):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .._errors import InvalidArgumentError, check, check_int, check_tensor
+from .._errors import IncompatibleError, InvalidArgumentError, check, check_int, check_tensor
 from .._tensor import TimeLike, as_time
 from ..processes import Process
 
@@ -97,7 +97,7 @@ class GaussianMixture:
 
     def _flat(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         check_tensor(x, name)
-        check(x[0].numel() == self.dim, name, f"of shape (B, {self.dim})", tuple(x.shape))
+        check(math.prod(x.shape[1:]) == self.dim, name, f"of shape (B, {self.dim})", tuple(x.shape))
         return x.reshape(x.shape[0], self.dim)
 
     # ----- sampling and density of the data ----------------------------------------------
@@ -190,7 +190,11 @@ class GaussianMixtureField:
         check(isinstance(process, Process), "process", "a difsolve Process", process)
         self.mixture, self.process = mixture, process
 
-    def __call__(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: TimeLike, **cond) -> torch.Tensor:
+        if cond:
+            raise IncompatibleError(
+                f"argument `cond`: a GaussianMixtureField is unconditional, got condition keys "
+                f"{sorted(cond)}")
         return self.mixture.marginal_score(x, t, self.process)
 
     def log_prob(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:

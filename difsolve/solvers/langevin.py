@@ -28,11 +28,13 @@ from .._errors import (
     ArgumentTypeError,
     IncompatibleError,
     check,
+    check_choice,
+    check_device,
     check_int,
     check_positive,
     check_shape,
 )
-from .._tensor import all_finite, bcast
+from .._tensor import all_finite, bcast, check_output
 from ..conditioning import ConditionedField, RowCondition
 from ..fields.base import check_field, is_exact
 from ..fields.base import denoise as tweedie
@@ -62,7 +64,7 @@ def _field_of(dynamics, who: str):
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(v.shape[0], -1).norm(dim=1)
+    return v.flatten(1).norm(dim=1) if v.ndim > 1 else v.abs()
 
 
 class Langevin:
@@ -121,9 +123,7 @@ class Langevin:
                  ddpm_steps: int = 1000):
         self.snr = check_positive(snr, "snr")
         self.steps = check_int(steps, "steps", 1)
-        if not isinstance(norm, str):
-            raise ArgumentTypeError(f"argument `norm` must be a str, got {norm!r}")
-        check(norm in NORM_RULES, "norm", f"one of {NORM_RULES}", norm)
+        check_choice(norm, NORM_RULES, "norm")
         self.norm = norm
         self.ddpm_steps = check_int(ddpm_steps, "ddpm_steps", 1)
 
@@ -162,7 +162,7 @@ class Langevin:
         field = dynamics.field
         process = field.process
         for _ in range(self.steps):
-            score = field(x, t)
+            score = check_output(field(x, t), x, "field")
             z = randn_like(x, generator)
             eps = bcast(self.step_size(process, x, t, score, z), x)
             x = x + eps * score + (2.0 * eps).sqrt() * z
@@ -247,7 +247,7 @@ class AnnealedLangevin:
 
     def _step(self, field, x, t, alpha, generator):
         z = randn_like(x, generator)
-        return x + 0.5 * alpha * field(x, t) + alpha.sqrt() * z
+        return x + 0.5 * alpha * check_output(field(x, t), x, "field") + alpha.sqrt() * z
 
     # ----- corrector protocol -----------------------------------------------------------
     def check(self, dynamics) -> None:
@@ -297,15 +297,17 @@ class AnnealedLangevin:
         ts, bs = self._levels(field.process, x)
         alphas = self.eps * (bs / bs[-1]).square()
         batch = x.shape[0]
-        for i in range(ts.numel()):
+        for i in range(ts.numel() if batch else 0):  # an empty batch calls no field
             t = ts[i].expand(batch)
             alpha = alphas[i]
             for _ in range(self.steps_each):
                 x = self._step(field, x, t, alpha, generator)
         t_end = ts[-1].expand(batch).clone()
         nfe = ts.numel() * self.steps_each
-        if denoise:
-            x = tweedie(field, x, t_end)
+        if not batch:
+            nfe = 0
+        elif denoise:
+            x = check_output(tweedie(field, x, t_end), x, "field")
             nfe += 1
         ok = all_finite(x)
         status = torch.where(ok, Status.SUCCESS.value, Status.NONFINITE.value)
@@ -337,9 +339,10 @@ def annealed_langevin(field, shape, sigmas, steps_each: int = 100, eps: float = 
     sampler = AnnealedLangevin(sigmas, steps_each=steps_each, eps=eps)
     sampler._check_field(field)
     shape = check_shape(shape)
-    dtype = dtype or torch.get_default_dtype()
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     check(isinstance(dtype, torch.dtype) and dtype.is_floating_point, "dtype",
           "a floating-point torch.dtype", dtype)
+    device = check_device(device)
     if device is None:
         device = generator.device if isinstance(generator, torch.Generator) else "cpu"
     stream = make_stream(generator, seeds, shape[0], device)

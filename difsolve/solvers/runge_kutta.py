@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._errors import ArgumentTypeError, check, check_real
 from .._tensor import bcast
 from .base import Solver, State, Step, StepContext
 
@@ -32,12 +33,34 @@ class ButcherTableau:
     fsal: bool = False
 
     def __post_init__(self):
-        s = len(self.c)
-        assert len(self.b) == s and len(self.a) == s
-        assert all(len(row) == i for i, row in enumerate(self.a))
-        assert all(abs(sum(row) - ci) < 1e-14 for row, ci in zip(self.a, self.c))
+        c, b = _reals(self.c, "c"), _reals(self.b, "b")
+        if isinstance(self.a, (str, bytes)) or not hasattr(self.a, "__iter__"):
+            raise ArgumentTypeError(f"argument `a` must be a sequence of rows, got {self.a!r}")
+        a = tuple(_reals(row, "a") for row in self.a)
+        e = None if self.e is None else _reals(self.e, "e")
+        if not isinstance(self.fsal, bool):
+            raise ArgumentTypeError(f"argument `fsal` must be a bool, got {self.fsal!r}")
+        s = len(c)
+        check(s >= 1, "c", "a non-empty sequence of nodes", self.c)
+        check(len(b) == s, "b", f"{s} weights (one per node)", len(b))
+        check(len(a) == s and all(len(row) == i for i, row in enumerate(a)), "a",
+              f"{s} rows, row i with i entries (explicit, strictly lower triangular)",
+              tuple(len(row) for row in a))
+        check(e is None or len(e) == s, "e", f"{s} error weights (one per node)", self.e)
+        check(all(abs(sum(row) - ci) < 1e-14 for row, ci in zip(a, c)), "a",
+              "rows summing to the nodes c (sum_j a_ij = c_i)", self.a)
         if self.fsal:
-            assert self.c[-1] == 1.0 and tuple(self.a[-1]) == tuple(self.b[:-1])
+            check(c[-1] == 1.0 and a[-1] == b[:-1], "fsal",
+                  "used only when c[-1] = 1 and the last row of a equals b[:-1]", self.fsal)
+        for name, value in (("c", c), ("a", a), ("b", b), ("e", e)):
+            object.__setattr__(self, name, value)
+
+
+def _reals(values, name: str) -> tuple[float, ...]:
+    """A sequence of finite real coefficients as a tuple of floats."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ArgumentTypeError(f"argument `{name}` must be a sequence of numbers, got {values!r}")
+    return tuple(check_real(v, name) for v in values)
 
 
 def _combine(x: torch.Tensor, hb: torch.Tensor, coeffs, ks) -> torch.Tensor:
