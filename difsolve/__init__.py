@@ -6,7 +6,7 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence
+from . import convergence, distributed
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
 from .control import SCHEDULES, PIController
@@ -83,6 +83,7 @@ __all__ = [
     "SubVP",
     "annealed_langevin",
     "convergence",
+    "distributed",
     "log_likelihood",
     "sample",
     "solve",
