@@ -145,7 +145,7 @@ class _Comm:
         sizes = self.gather(torch.tensor([len(payload)], dtype=torch.int64), everywhere=True)
         size = max(int(s) for s in sizes)
         buf = torch.zeros(size, dtype=torch.uint8)
-        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        buf[: len(payload)] = torch.tensor(list(payload), dtype=torch.uint8)
         parts = self.gather(buf, everywhere=True)
         return [bytes(p[: int(s)].tolist()) for p, s in zip(parts, sizes)]
 
