@@ -26,6 +26,7 @@ from .._errors import ArgumentTypeError, IncompatibleError, check, check_int, ch
 from .._tensor import all_finite, bcast
 from ..fields.base import check_field, is_exact
 from ..fields.base import denoise as tweedie
+from ..noise import randn_like
 from ..solution import Solution, Stats, Status
 
 __all__ = ["NORM_RULES", "AnnealedLangevin", "Langevin", "annealed_langevin"]
@@ -152,7 +153,7 @@ class Langevin:
         process = field.process
         for _ in range(self.steps):
             score = field(x, t)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn_like(x, generator)
             eps = bcast(self.step_size(process, x, t, score, z), x)
             x = x + eps * score + (2.0 * eps).sqrt() * z
         return x, self.steps
@@ -235,7 +236,7 @@ class AnnealedLangevin:
         _refuse_pseudo_score(field, "annealed Langevin dynamics")
 
     def _step(self, field, x, t, alpha, generator):
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = randn_like(x, generator)
         return x + 0.5 * alpha * field(x, t) + alpha.sqrt() * z
 
     # ----- corrector protocol -----------------------------------------------------------
