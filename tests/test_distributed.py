@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,19 +39,27 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
     """``{world size: [per-rank results]}``; world size 1 is this process, without a group."""
     dirs = {w: tmp_path_factory.mktemp(f"world{w}") for w in WORLDS}
     procs = {w: _launch(w, dirs[w]) for w in WORLDS}  # both worlds at once
+    example_dir = tmp_path_factory.mktemp("example")
+    example = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "distributed_sample.py"), "--quick", "--out",
+         str(example_dir)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     single = tmp_path_factory.mktemp("world1")
     out = {1: [scenarios(str(single))]}
-    failures = []
+    failures, logs = [], {}
+    procs["example"] = [example]
+    deadline = time.monotonic() + 240  # for all processes together
     for w, ps in procs.items():
         for r, p in enumerate(ps):
             try:
-                log, _ = p.communicate(timeout=180)
+                logs[w, r], _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
                 p.kill()
-                log, _ = p.communicate()
+                logs[w, r] = p.communicate()[0] + "\n(killed: past the deadline)"
             if p.returncode != 0:
-                failures.append(f"world {w} rank {r} exited with {p.returncode}:\n{log}")
+                failures.append(f"world {w} rank {r} exited with {p.returncode}:\n{logs[w, r]}")
     assert not failures, "\n".join(failures)
+    out["example"] = (example_dir, logs["example", 0])
     for w in WORLDS:
         out[w] = [torch.load(dirs[w] / f"rank{r}.pt", weights_only=False) for r in range(w)]
     out["dirs"] = {1: single, **dirs}
@@ -255,3 +264,21 @@ def test_chunks_wider_than_the_cpu_vector_width_give_the_same_rows(job):
                                  controller=ds.PIController(rtol=1e-3, atol=1e-3)).log_prob
 
     assert torch.equal(run(3), run(n))
+
+
+def test_saved_states_are_gathered_along_their_batch_dimension():
+    f = field()
+    save = torch.tensor([0.5, 0.1])
+    whole = ds.sample(f, (5, 2), seeds=range(5), solver=ds.Heun(), steps=6, save_at=save)
+    parts = dd.sample(f, 5, batch_size=2, solver=ds.Heun(), steps=6, save_at=save)
+    assert parts.xs.shape == whole.xs.shape == (2, 5, 2)
+    assert torch.equal(parts.xs, whole.xs) and torch.equal(parts.ts, whole.ts)
+    assert torch.equal(parts.last_x, whole.last_x) and torch.equal(parts.x, whole.x)
+
+
+def test_the_example_runs_single_process_and_writes_its_files(runs):
+    out, log = runs["example"]
+    assert "world size 1: 256 samples (256 succeeded)" in log
+    assert torch.load(out / "samples.pt")["x"].shape == (256, 2)
+    ll = dd.load(str(out / "likelihood-{rank}.pt"))
+    assert ll.log_prob.shape == (64,) and bool(torch.isfinite(ll.log_prob).all())
