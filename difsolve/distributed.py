@@ -125,7 +125,7 @@ class _Comm:
         if self.world == 1:
             return [tensor]
         buf = tensor.to(self.device)
-        bool_ = buf.dtype == torch.bool  # not every backend reduces bools
+        bool_ = buf.dtype == torch.bool  # not every backend gathers bools
         buf = buf.to(torch.uint8) if bool_ else buf.contiguous()
         out = [torch.empty_like(buf) for _ in range(self.world)]
         if everywhere:
