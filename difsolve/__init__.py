@@ -6,15 +6,23 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence, distributed
+from . import convergence, distributed, problems
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
-from .control import SCHEDULES, PIController
+from .control import SCHEDULES, Controller, Decision, PIController, Proposal
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
-from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
+from .fields import (
+    ClassifierFreeGuidance,
+    Denoiser,
+    GaussianMixture,
+    GaussianMixtureField,
+    ScoreField,
+    ScoreNetwork,
+)
 from .fields.poisson import PoissonField
-from .integrate import solve
+from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
+from .noise import BridgedNoise, FreshNoise, NoiseSource
 from .processes import EDM, VE, VP, Poisson, Process, SubVP
 from .sample import sample
 from .solution import Solution, Stats, Status
@@ -47,9 +55,13 @@ __all__ = [
     "AnnealedLangevin",
     "ArgumentTypeError",
     "Bosh3",
+    "BridgedNoise",
     "BrownianPath",
     "ButcherTableau",
+    "ClassifierFreeGuidance",
+    "Controller",
     "DPMSolver",
+    "Decision",
     "Denoiser",
     "DifsolveError",
     "Dopri5",
@@ -57,6 +69,7 @@ __all__ = [
     "Euler",
     "EulerMaruyama",
     "ExactTrace",
+    "FreshNoise",
     "GaussianMixture",
     "GaussianMixtureField",
     "Heun",
@@ -66,12 +79,15 @@ __all__ = [
     "Langevin",
     "LogLikelihood",
     "LogSigmaTime",
+    "LoopState",
     "Midpoint",
+    "NoiseSource",
     "PIController",
     "Poisson",
     "PoissonField",
     "ProbabilityFlowODE",
     "Process",
+    "Proposal",
     "ReverseSDE",
     "ScoreField",
     "ScoreNetwork",
@@ -85,6 +101,7 @@ __all__ = [
     "convergence",
     "distributed",
     "log_likelihood",
+    "problems",
     "sample",
     "solve",
 ]

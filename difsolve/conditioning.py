@@ -14,7 +14,6 @@ from collections.abc import Mapping
 import torch
 
 from ._errors import ArgumentTypeError
-from .fields.base import denoise
 
 __all__ = ["Conditioned", "ConditionedField", "RowCondition", "as_condition"]
 
@@ -73,12 +72,14 @@ class ConditionedField:
         self.inner, self.cond = field, cond
         self.process = field.process
         self.exact_score = getattr(field, "exact_score", True)
+        if callable(getattr(field, "denoise", None)):  # else Tweedie's formula on self
+            self.denoise = self._denoise
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.inner(x, t, **self.cond.values)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return denoise(self.inner, x, t, **self.cond.values)
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.inner.denoise(x, t, **self.cond.values)
 
     def __repr__(self) -> str:
         return f"ConditionedField({self.inner!r}, keys={sorted(self.cond.values)})"

@@ -33,7 +33,7 @@ from .brownian import BrownianPath
 from .conditioning import Conditioned, RowCondition
 from .control import Controller, Proposal, make_grid
 from .dynamics import TIME_VARIABLES, time_change
-from .noise import BridgedNoise, FreshNoise, GeneratorStream, make_stream
+from .noise import BridgedNoise, FreshNoise, GeneratorStream, NoiseSource, make_stream
 from .solution import Solution, Stats, Status
 from .solvers.base import Solver, StepContext
 
@@ -46,7 +46,7 @@ CHECK_EVERY = 8
 def solve(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver, steps=None,
           schedule: str = "uniform", controller: Controller | None = None, corrector=None,
           generator: torch.Generator | int | None = None, seeds=None,
-          brownian: BrownianPath | None = None, save_at: torch.Tensor | None = None,
+          brownian: NoiseSource | None = None, save_at: torch.Tensor | None = None,
           max_steps: int = 10_000, progress: bool = False, time_variable: str = "t",
           cond: dict | None = None, grad: bool = False,
           callback: Callable[[dict], None] | None = None) -> Solution:
@@ -69,7 +69,8 @@ def solve(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver, steps=None,
         seeds: one int per row instead of ``generator``: every row draws from its own generator
             (Brownian increments, corrector noise), so its result does not depend on its batch.
         brownian: a :class:`~difsolve.BrownianPath` covering ``[t0, t1]`` to integrate an SDE
-            along a given path.
+            along a given path, or any :class:`~difsolve.NoiseSource` (increments in the
+            integration variable).
         save_at: 1-D tensor of times at which to record the state (added to a fixed grid as
             extra points; steps stop on them under a controller).
         max_steps: most steps per sample (accepted + rejected) before ``Status.MAX_STEPS``.
@@ -118,7 +119,7 @@ class _Problem:
     controller: Controller | None
     corrector: object
     stream: object
-    brownian: BrownianPath | None
+    brownian: NoiseSource | None
     save_t: torch.Tensor | None
     max_steps: int
     progress: bool
@@ -257,10 +258,14 @@ def _check_domain(process, t0v: torch.Tensor, t1v: torch.Tensor) -> None:
 
 
 def _check_brownian(brownian, solver, time_variable, t0v, t1v) -> None:
-    if not isinstance(brownian, BrownianPath):
-        raise ArgumentTypeError(f"argument `brownian` must be a BrownianPath, got {brownian!r}")
+    if not isinstance(brownian, NoiseSource):
+        raise ArgumentTypeError(
+            f"argument `brownian` must be a BrownianPath or a NoiseSource (init, propose, "
+            f"commit), got {brownian!r}")
     if not solver.sde:
         raise IncompatibleError("argument `brownian`: only SDE solvers use a Brownian path")
+    if not isinstance(brownian, BrownianPath):
+        return
     if time_variable != "t":
         raise IncompatibleError(
             "argument `brownian`: a BrownianPath is defined in t; use time_variable='t'")
@@ -337,11 +342,10 @@ def _grid(steps, schedule, problem: _Problem) -> torch.Tensor:
     return grid
 
 
-def _columns(grid: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
-    """The grid's times as ``N + 1`` per-sample ``(B,)`` views (made once, not per step)."""
-    if grid.ndim == 1:
-        grid = grid[:, None].expand(-1, batch)
-    return grid.unbind(0)
+def _columns(grid: torch.Tensor, batch: int) -> torch.Tensor:
+    """The grid as ``(N + 1, B)``: a grid shared by the batch is expanded, not copied, so
+    ``columns[i]`` is a stride-0 ``(B,)`` view (one cheap select per step)."""
+    return grid[:, None].expand(-1, batch) if grid.ndim == 1 else grid
 
 
 def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
@@ -586,7 +590,9 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     else:
         has_stop, target = None, s.end
     remaining = (target - s.t) * s.direction
-    landing = s.h.abs() >= remaining
+    # land when the step covers what is left up to rounding (no sliver steps of a few ulps)
+    slack = 64 * torch.finfo(s.t.dtype).eps * torch.maximum(target.abs(), s.t.abs())
+    landing = s.h.abs() >= remaining - slack
     h_try = s.direction * torch.minimum(s.h.abs(), remaining)
     dw = proposal = None
     if noise is not None:
