@@ -12,10 +12,12 @@ from .brownian import BrownianPath
 from .control import SCHEDULES, PIController
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
 from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
+from .fields.diffusers import diffusers_timesteps, from_diffusers
+from .fields.network import DiscreteDenoiser
 from .fields.poisson import PoissonField
 from .integrate import solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
-from .processes import EDM, VE, VP, Poisson, Process, SubVP
+from .processes import EDM, VE, VP, DiscreteVP, Poisson, Process, RectifiedFlow, SubVP
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
@@ -52,6 +54,8 @@ __all__ = [
     "DPMSolver",
     "Denoiser",
     "DifsolveError",
+    "DiscreteDenoiser",
+    "DiscreteVP",
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
@@ -72,6 +76,7 @@ __all__ = [
     "PoissonField",
     "ProbabilityFlowODE",
     "Process",
+    "RectifiedFlow",
     "ReverseSDE",
     "ScoreField",
     "ScoreNetwork",
@@ -83,6 +88,8 @@ __all__ = [
     "SubVP",
     "annealed_langevin",
     "convergence",
+    "diffusers_timesteps",
+    "from_diffusers",
     "log_likelihood",
     "sample",
     "solve",

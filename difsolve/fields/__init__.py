@@ -2,10 +2,11 @@
 
 from .base import ScoreField, check_field, denoise, is_exact
 from .gaussian_mixture import GaussianMixture, GaussianMixtureField
-from .network import Denoiser, ScoreNetwork
+from .network import Denoiser, DiscreteDenoiser, ScoreNetwork
 
 __all__ = [
     "Denoiser",
+    "DiscreteDenoiser",
     "GaussianMixture",
     "GaussianMixtureField",
     "ScoreField",
