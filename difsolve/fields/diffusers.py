@@ -116,7 +116,11 @@ def diffusers_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
     ``final_sigmas_type="zero"``: the data prediction at the last timestep, which is difsolve's
     final Tweedie ``denoise``) or to timestep 0 (``set_alpha_to_one=False`` /
     ``final_sigmas_type="sigma_min"``: then 0 is appended here, and no denoise follows).
-    Calls ``scheduler.set_timesteps`` (which changes the scheduler's state, as a pipeline does).
+    Exact for schedulers that step between consecutive timesteps (DPM-Solver multistep, UniPC,
+    Euler); ``DDIMScheduler`` always steps from ``t`` to ``t - n // N``, which matches only when
+    the gaps are ``n // N`` ("leading", or "trailing" with ``N`` dividing ``n``; not
+    "linspace"). Calls ``scheduler.set_timesteps`` (which changes the scheduler's state, as a
+    pipeline does).
     """
     set_timesteps = getattr(scheduler, "set_timesteps", None)
     if not callable(set_timesteps):
