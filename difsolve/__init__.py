@@ -6,17 +6,25 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence
+from . import convergence, problems
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
-from .control import SCHEDULES, PIController
+from .control import SCHEDULES, Controller, Decision, PIController, Proposal
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
-from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
+from .fields import (
+    ClassifierFreeGuidance,
+    Denoiser,
+    GaussianMixture,
+    GaussianMixtureField,
+    ScoreField,
+    ScoreNetwork,
+)
 from .fields.diffusers import diffusers_timesteps, from_diffusers
 from .fields.network import DiscreteDenoiser
 from .fields.poisson import PoissonField
-from .integrate import solve
+from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
+from .noise import BridgedNoise, FreshNoise, NoiseSource
 from .processes import EDM, VE, VP, DiscreteVP, Poisson, Process, RectifiedFlow, SubVP
 from .sample import sample
 from .solution import Solution, Stats, Status
@@ -49,9 +57,13 @@ __all__ = [
     "AnnealedLangevin",
     "ArgumentTypeError",
     "Bosh3",
+    "BridgedNoise",
     "BrownianPath",
     "ButcherTableau",
+    "ClassifierFreeGuidance",
+    "Controller",
     "DPMSolver",
+    "Decision",
     "Denoiser",
     "DifsolveError",
     "DiscreteDenoiser",
@@ -61,6 +73,7 @@ __all__ = [
     "Euler",
     "EulerMaruyama",
     "ExactTrace",
+    "FreshNoise",
     "GaussianMixture",
     "GaussianMixtureField",
     "Heun",
@@ -70,12 +83,15 @@ __all__ = [
     "Langevin",
     "LogLikelihood",
     "LogSigmaTime",
+    "LoopState",
     "Midpoint",
+    "NoiseSource",
     "PIController",
     "Poisson",
     "PoissonField",
     "ProbabilityFlowODE",
     "Process",
+    "Proposal",
     "RectifiedFlow",
     "ReverseSDE",
     "ScoreField",
@@ -91,6 +107,7 @@ __all__ = [
     "diffusers_timesteps",
     "from_diffusers",
     "log_likelihood",
+    "problems",
     "sample",
     "solve",
 ]

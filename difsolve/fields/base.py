@@ -27,7 +27,7 @@ class ScoreField(Protocol):
 
     process: Process
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor: ...
 
 
 def check_model_output(out, x: torch.Tensor, name: str = "model") -> torch.Tensor:
@@ -65,7 +65,8 @@ def is_exact(field) -> bool:
 
 
 def denoise(field, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any)."""
+    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any);
+    ``cond`` is passed to the field."""
     own = getattr(field, "denoise", None)
     if own is not None:
         return own(x, t, **cond)

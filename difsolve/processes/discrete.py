@@ -65,6 +65,7 @@ class DiscreteVP(Process):
         self.alphas_cumprod = acp
         self.n = acp.numel()
         self.t_min, self.t_max = 0.0, float(self.n - 1)
+        self.domain = (self.t_min, self.t_max)
         self.prior_std = 1.0
         # log sigma_i = (log(1 - acp) - log acp) / 2 (1 - acp is exact for acp >= 1/2)
         self._log_sigmas = 0.5 * (torch.log1p(-acp) - torch.log(acp))

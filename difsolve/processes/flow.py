@@ -8,6 +8,8 @@ r"""Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022; Esser e
 
 from __future__ import annotations
 
+import math
+
 from .._errors import check, check_positive
 from .base import Process, _t
 
@@ -21,6 +23,9 @@ class RectifiedFlow(Process):
     prior ``N(0, I)`` at ``t_max`` (``< 1``: the probability-flow drift in score form has a
     ``1/(1 - t)`` factor).
     """
+
+    #: t = 1 (pure noise, a = 0) is excluded: the score-form drift is singular there
+    domain = (0.0, math.nextafter(1.0, 0.0))
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1 - 1e-3):
         self.t_min = check_positive(t_min, "t_min")
