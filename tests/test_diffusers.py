@@ -44,19 +44,6 @@ def x_T(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-class Bound:
-    """``field`` with conditioning bound (the library's ``cond=`` does this per row)."""
-
-    def __init__(self, field, **cond):
-        self.field, self.process, self.cond = field, field.process, cond
-
-    def __call__(self, x, t):
-        return self.field(x, t, **self.cond)
-
-    def denoise(self, x, t):
-        return self.field.denoise(x, t, **self.cond)
-
-
 def scheduler_loop(unet, scheduler, x, steps: int, **cond) -> torch.Tensor:
     """diffusers' sampling loop, as its pipelines write it."""
     scheduler.set_timesteps(steps)
@@ -66,9 +53,12 @@ def scheduler_loop(unet, scheduler, x, steps: int, **cond) -> torch.Tensor:
     return x
 
 
-def difsolve_run(field, grid, x, solver, denoise: bool) -> tuple[torch.Tensor, ds.Solution]:
-    sol = ds.solve(ds.ProbabilityFlowODE(field), x, grid[0], grid[-1], solver=solver, steps=grid)
-    return (ds.fields.denoise(field, sol.x, sol.t) if denoise else sol.x), sol
+def difsolve_run(field, grid, x, solver, denoise: bool, cond=None
+                 ) -> tuple[torch.Tensor, ds.Solution]:
+    """``ds.solve`` on an explicit grid, then (optionally) the final Tweedie denoise."""
+    sol = ds.solve(ds.ProbabilityFlowODE(field), x, grid[0], grid[-1], solver=solver, steps=grid,
+                   cond=cond)
+    return (ds.fields.denoise(field, sol.x, sol.t, **(cond or {})) if denoise else sol.x), sol
 
 
 def assert_roundoff(got, ref, rel=ROUNDOFF):
@@ -90,6 +80,10 @@ def test_ddim_50_steps_is_dpm_solver_1(unet, prediction_type):
     assert sol.stats.nfe + 1 == 50  # the same 50 network evaluations
     assert got.dtype == torch.float32 and got.shape == x.shape
     assert_roundoff(got, ref)
+    # the same through ds.sample: this grid ends at t_min = 0, where sample's denoise happens
+    sol = ds.sample(field, solver=ds.DPMSolver(1), steps=grid, x_T=x, t_start=float(grid[0]))
+    assert sol.stats.nfe == 50
+    assert_roundoff(sol.x, ref)
 
 
 @pytest.mark.parametrize("spacing, offset, alpha_one", [
@@ -120,10 +114,10 @@ def test_class_conditioning_is_forwarded():
     ref = scheduler_loop(unet, sched, x.clone(), 10, class_labels=labels)
     field = ds.from_diffusers(unet, sched)
     grid = ds.diffusers_timesteps(sched, 10)
-    got, _ = difsolve_run(Bound(field, class_labels=labels), grid, x, ds.DPMSolver(1), True)
+    got, _ = difsolve_run(field, grid, x, ds.DPMSolver(1), True, cond={"class_labels": labels})
     assert_roundoff(got, ref)
-    other, _ = difsolve_run(Bound(field, class_labels=torch.tensor([0, 2])), grid, x,
-                            ds.DPMSolver(1), True)
+    other, _ = difsolve_run(field, grid, x, ds.DPMSolver(1), True,
+                            cond={"class_labels": torch.tensor([0, 2])})
     assert float((other - got).abs().max()) > 1e-3 * float(got.abs().max())
 
 
