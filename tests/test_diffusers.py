@@ -214,3 +214,16 @@ def test_discrete_denoiser_on_edm_is_kdiffusions_discrete_eps_denoiser(unet, sam
     # k-diffusion's last step to sigma = 0 is Euler to the data prediction: difsolve's denoise
     got, _ = difsolve_run(field, sigmas[:-1].double(), x, solver, denoise=True)
     assert_roundoff(got, ref)
+
+
+def test_the_example_runs_and_agrees_with_ddim(tmp_path, capsys):
+    path = Path(__file__).resolve().parent.parent / "examples" / "pretrained_diffusers.py"
+    spec = importlib.util.spec_from_file_location("pretrained_diffusers_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(quick=True, out=tmp_path)
+    text = capsys.readouterr().out
+    diff = float(text.split("max |diff| / max |x| = ")[1].split()[0])
+    assert diff < ROUNDOFF
+    assert (tmp_path / "pretrained_diffusers.png").stat().st_size > 1000
+    assert (tmp_path / "pretrained_conditional.png").stat().st_size > 1000
