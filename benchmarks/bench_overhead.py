@@ -18,7 +18,6 @@ Figures are ratios within one run; absolute microseconds depend on the machine a
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import difsolve as ds
-from difsolve.analytic import GaussianFlow
 from difsolve.noise import BridgedNoise
+from difsolve.problems import GaussianFlow
 
 
 class StiffRelaxation:

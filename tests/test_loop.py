@@ -114,3 +114,36 @@ def test_loop_state_select_and_write_back_round_trip():
     for f in ("x", "t", "h", "end", "direction", "next_stop", "steps", "accepted", "rejected",
               "nfe", "status", "done"):
         assert torch.equal(getattr(by_index, f), getattr(sub, f)), f
+
+
+class _Linear:
+    noise = "additive"
+
+    def drift(self, x, t):
+        return -x * t[:, None]
+
+    def diffusion(self, t):
+        return torch.ones_like(t)
+
+
+class _ODE:
+    def drift(self, x, t):
+        return -x * t[:, None]
+
+
+@pytest.mark.parametrize("solver", [ds.Euler(), ds.Heun(), ds.RK4(), ds.Dopri5(),
+                                    ds.EulerMaruyama(), ds.StochasticHeun()])
+def test_solver_steps_compile_without_graph_breaks(solver):
+    """``torch.compile(fullgraph=True)`` of one step: no host synchronisation, no Python branch
+    on tensor values (the condition for CUDA graphs and compiled loops)."""
+    dyn = _Linear() if solver.sde else _ODE()
+    ctx = ds.solvers.StepContext()
+    x, t, h = torch.randn(6, 2), torch.full((6,), 0.7), torch.full((6,), -0.05)
+    dw = torch.randn(6, 2) * 0.2 if solver.sde else None
+    state, _ = solver.init(dyn, x, t, ctx)
+
+    def step(x, t, h, dw):
+        return solver.step(dyn, x, t, h, state, dw, ctx).x
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, t, h, dw), step(x, t, h, dw))

@@ -295,6 +295,8 @@ class AnnealedLangevin:
 
     def _run(self, field, x, generator, denoise):
         ts, bs = self._levels(field.process, x)
+        if x.shape[0] == 0:
+            return _empty_solution(x, ts[-1])
         alphas = self.eps * (bs / bs[-1]).square()
         batch = x.shape[0]
         for i in range(ts.numel() if batch else 0):  # an empty batch calls no field
@@ -321,6 +323,15 @@ class AnnealedLangevin:
     def __repr__(self) -> str:
         return (f"AnnealedLangevin(sigmas={self.sigmas.tolist()!r}, "
                 f"steps_each={self.steps_each!r}, eps={self.eps!r})")
+
+
+def _empty_solution(x: torch.Tensor, t_end: torch.Tensor) -> Solution:
+    zeros = torch.zeros(0, dtype=torch.long, device=x.device)
+    t = t_end.expand(0).clone()
+    stats = Stats(nfe=0, nfe_per_sample=zeros, steps=zeros.clone(), accepted=zeros.clone(),
+                  rejected=zeros.clone())
+    return Solution(x=x.clone(), t=t, stats=stats, status=zeros.clone(), last_x=x.clone(),
+                    last_t=t.clone())
 
 
 def annealed_langevin(field, shape, sigmas, steps_each: int = 100, eps: float = 2e-5,
