@@ -22,7 +22,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, check_positive
+from ._errors import (
+    ArgumentTypeError,
+    IncompatibleError,
+    _short,
+    check,
+    check_int,
+    check_positive,
+)
 from ._tensor import bcast, rms
 from .solution import Status
 
@@ -215,15 +222,25 @@ class PIController:
                     y1: torch.Tensor) -> torch.Tensor:
         """Per-sample scaled error norm ``(B,)``; ``inf`` where the proposal is not finite."""
         scale = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
-        ratio = self.norm(error / scale)
+        ratio = self.scaled_norm(error / scale)
         return torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
+
+    def scaled_norm(self, scaled: torch.Tensor) -> torch.Tensor:
+        """``norm(scaled)``, checked to be a floating-point ``(B,)`` tensor."""
+        out = self.norm(scaled)
+        if not (isinstance(out, torch.Tensor) and out.shape == scaled.shape[:1]
+                and out.is_floating_point()):
+            raise ArgumentTypeError(
+                f"argument `norm` must return a floating-point tensor of shape "
+                f"({scaled.shape[0]},) (one norm per row), got {_short(out)}")
+        return out
 
     def rounding_ratio(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         """Per-sample norm of one rounding unit of the state in units of the tolerance
         ``(B,)``: above 1, the tolerance is finer than the state's dtype resolves."""
         ymax = torch.maximum(y0.abs(), y1.abs())
         scale = self.atol + self.rtol * ymax
-        return self.norm(torch.finfo(y1.dtype).eps * ymax / scale)
+        return self.scaled_norm(torch.finfo(y1.dtype).eps * ymax / scale)
 
     def factor(self, ratio: torch.Tensor, prev_ratio: torch.Tensor, accept: torch.Tensor,
                error_order: float) -> torch.Tensor:
@@ -264,14 +281,14 @@ class PIController:
             f0 = dynamics.drift(x, t)
             nfe += 1
         scale = self.atol + self.rtol * x.abs()
-        d0, d1 = self.norm(x / scale), self.norm(f0 / scale)
+        d0, d1 = self.scaled_norm(x / scale), self.scaled_norm(f0 / scale)
         small = (d0 < 1e-5) | (d1 < 1e-5)
         h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-30))
         h0 = torch.minimum(torch.nan_to_num(h0, nan=1e-6), span)  # nan: zero tolerance scale
         x1 = x + bcast(direction * h0, x) * f0
         f1 = dynamics.drift(x1, t + direction * h0)
         nfe += 1
-        d2 = self.norm((f1 - f0) / scale) / h0
+        d2 = self.scaled_norm((f1 - f0) / scale) / h0
         dmax = torch.maximum(d1, d2)
         h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                          (0.01 / dmax.clamp(min=1e-30)).pow(1.0 / (solver.order + 1)))

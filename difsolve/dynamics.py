@@ -25,8 +25,8 @@ from ._errors import IncompatibleError, InvalidArgumentError, _short
 from ._tensor import bcast, check_output
 from .fields.base import check_field, denoise, is_exact
 
-__all__ = ["TIME_VARIABLES", "CheckedDynamics", "LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE",
-           "SNRTime", "TimeChange", "is_sde", "time_change"]
+__all__ = ["TIME_VARIABLES", "CheckedDynamics", "CheckedField", "LogSigmaTime",
+           "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "TimeChange", "is_sde", "time_change"]
 
 
 def is_sde(dynamics) -> bool:
@@ -39,6 +39,27 @@ def score(field, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     return check_output(field(x, t, **cond), x, "field")
 
 
+class CheckedField:
+    """``field`` with its outputs checked (score and, where it has one, its own ``denoise``):
+    floating-point tensors shaped like ``x``, cast to ``x``'s dtype. Tweedie's formula on it
+    (:func:`~difsolve.fields.base.denoise`) is then checked too."""
+
+    def __init__(self, field):
+        self.inner, self.process = field, field.process
+        self.exact_score = getattr(field, "exact_score", True)
+        if callable(getattr(field, "denoise", None)):
+            self.denoise = self._denoise
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return score(self.inner, x, t, cond)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return check_output(self.inner.denoise(x, t, **cond), x, "field", "have denoise return")
+
+    def __repr__(self) -> str:
+        return f"CheckedField({self.inner!r})"
+
+
 class ProbabilityFlowODE:
     """Probability-flow ODE ``dx/dt = f(t) x - g(t)^2 s(x, t) / 2`` of a score field."""
 
@@ -48,15 +69,16 @@ class ProbabilityFlowODE:
         check_field(field)
         self.field = field
         self.process = field.process
+        self._checked = CheckedField(field)
 
     def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         f = self.process.drift_coef(t)
         g2 = self.process.g2(t)
-        return bcast(f, x) * x - 0.5 * bcast(g2, x) * score(self.field, x, t, cond)
+        return bcast(f, x) * x - 0.5 * bcast(g2, x) * self._checked(x, t, **cond)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """Data prediction ``E[x0 | x_t]`` of the field (used by exponential integrators)."""
-        return check_output(denoise(self.field, x, t, **cond), x, "field")
+        return check_output(denoise(self._checked, x, t, **cond), x, "field")
 
     def __repr__(self) -> str:
         return f"ProbabilityFlowODE({self.field!r})"
@@ -83,17 +105,18 @@ class ReverseSDE:
                 f"argument `field`: its process {type(field.process).__name__} has no SDE")
         self.field = field
         self.process = field.process
+        self._checked = CheckedField(field)
 
     def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         f = self.process.drift_coef(t)
         g2 = self.process.g2(t)
-        return bcast(f, x) * x - bcast(g2, x) * score(self.field, x, t, cond)
+        return bcast(f, x) * x - bcast(g2, x) * self._checked(x, t, **cond)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         return self.process.g2(t).sqrt()
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return check_output(denoise(self.field, x, t, **cond), x, "field")
+        return check_output(denoise(self._checked, x, t, **cond), x, "field")
 
     def __repr__(self) -> str:
         return f"ReverseSDE({self.field!r})"
@@ -113,11 +136,6 @@ class CheckedDynamics:
             self.diffusion = self._diffusion
         if callable(getattr(dynamics, "denoise", None)):
             self.denoise = self._denoise
-
-    @staticmethod
-    def wrap(dynamics):
-        """``dynamics`` itself when it checks its outputs, else wrapped."""
-        return dynamics if getattr(dynamics, "output_checked", False) else CheckedDynamics(dynamics)
 
     def __getattr__(self, name):
         if name == "_inner":

@@ -19,7 +19,7 @@ from ._errors import (
 from ._tensor import all_finite, bcast, check_output
 from .conditioning import ConditionedField, RowCondition
 from .control import Controller
-from .dynamics import ProbabilityFlowODE, ReverseSDE
+from .dynamics import CheckedField, ProbabilityFlowODE, ReverseSDE
 from .fields.base import check_field
 from .fields.base import denoise as tweedie
 from .integrate import solve
@@ -152,7 +152,7 @@ def _denoise_end(field, sol: Solution, cond) -> None:
     if rows:
         bound = ConditionedField(field, rows)
     with torch.no_grad():
-        x0 = check_output(tweedie(bound, sol.x, sol.t), sol.x, "field")
+        x0 = check_output(tweedie(CheckedField(bound), sol.x, sol.t), sol.x, "field")
     ok = all_finite(x0) & (sol.status == Status.SUCCESS.value)
     sol.status = torch.where(ok | (sol.status != Status.SUCCESS.value), sol.status,
                              Status.NONFINITE.value)

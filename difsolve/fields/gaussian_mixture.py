@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .._errors import IncompatibleError, InvalidArgumentError, check, check_int, check_tensor
-from .._tensor import TimeLike, as_time
+from .._tensor import TimeLike, as_time, time_dtype
 from ..processes import Process
 
 __all__ = ["GaussianMixture", "GaussianMixtureField"]
@@ -151,8 +151,11 @@ class GaussianMixture:
         return self._terms(x, *self._marginal(x, t, process))[0]
 
     def marginal_score(self, x: torch.Tensor, t: TimeLike, process: Process) -> torch.Tensor:
-        """Exact score ``grad_x log p_t(x)`` (same shape as ``x``)."""
-        return self._score_and_div(x, t, process, divergence=False)[0]
+        """Exact score ``grad_x log p_t(x)`` (same shape and dtype as ``x``; computed in at least
+        float32, as squares of half-precision states overflow)."""
+        check_tensor(x, "x")
+        work = x.to(time_dtype(x.dtype))
+        return self._score_and_div(work, t, process, divergence=False)[0].to(x.dtype)
 
     def marginal_score_divergence(self, x: torch.Tensor, t: TimeLike,
                                   process: Process) -> torch.Tensor:

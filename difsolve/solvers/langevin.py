@@ -36,6 +36,7 @@ from .._errors import (
 )
 from .._tensor import all_finite, bcast, check_output
 from ..conditioning import ConditionedField, RowCondition
+from ..dynamics import CheckedField
 from ..fields.base import check_field, is_exact
 from ..fields.base import denoise as tweedie
 from ..noise import make_stream, randn_like
@@ -299,17 +300,15 @@ class AnnealedLangevin:
             return _empty_solution(x, ts[-1])
         alphas = self.eps * (bs / bs[-1]).square()
         batch = x.shape[0]
-        for i in range(ts.numel() if batch else 0):  # an empty batch calls no field
+        for i in range(ts.numel()):
             t = ts[i].expand(batch)
             alpha = alphas[i]
             for _ in range(self.steps_each):
                 x = self._step(field, x, t, alpha, generator)
         t_end = ts[-1].expand(batch).clone()
         nfe = ts.numel() * self.steps_each
-        if not batch:
-            nfe = 0
-        elif denoise:
-            x = check_output(tweedie(field, x, t_end), x, "field")
+        if denoise:
+            x = check_output(tweedie(CheckedField(field), x, t_end), x, "field")
             nfe += 1
         ok = all_finite(x)
         status = torch.where(ok, Status.SUCCESS.value, Status.NONFINITE.value)
