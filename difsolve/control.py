@@ -148,7 +148,9 @@ class PIController:
     before reaching the end stops with ``DT_UNDERFLOW``, and so does one whose step is rejected
     while its tolerance is finer than one rounding unit of its state (``rtol`` below the dtype's
     epsilon, or ``atol`` below the state's spacing: e.g. ``1e-300``, or ``rtol=1e-3`` for a
-    bfloat16 state), which no step size can meet; after ``NONFINITE_RETRIES`` consecutive
+    bfloat16 state), which no step size can meet; ``NONFINITE`` instead where the latest rejection
+    was caused by non-finite values (the row is creeping up to where the dynamics break down);
+    after ``NONFINITE_RETRIES`` consecutive
     non-finite proposals with ``NONFINITE``. ``dt_max`` caps ``|h|``; ``max_steps`` (accepted +
     rejected per sample) overrides ``solve``'s.
     """
@@ -191,10 +193,10 @@ class PIController:
                                    solver.initial_drift(solver_state))
         prev_ratio = torch.ones_like(span)
         streak = torch.zeros(span.shape, dtype=torch.long, device=span.device)
-        return h, (prev_ratio, streak), nfe
+        return h, (prev_ratio, streak, torch.zeros_like(streak, dtype=torch.bool)), nfe
 
     def adapt(self, state, proposal: Proposal) -> Decision:
-        prev_ratio, streak = state
+        prev_ratio, streak, last_bad = state
         p = proposal
         ratio = self.error_ratio(p.error, p.x, p.x_new)
         ratio = torch.where(p.finite, ratio, math.inf)
@@ -207,15 +209,19 @@ class PIController:
         cut = accept & (h_prop > h_tried)  # resume the size before a shortened landing step
         h_next = self.clip(p.h_tried.sign() * torch.where(cut, h_prop, h_tried * fac))
         streak = torch.where(p.finite, 0, streak + 1)
+        # was the latest rejection caused by non-finite values? (then a collapsing step is a
+        # NONFINITE fault: the row is creeping up to where the dynamics break down)
+        last_bad = torch.where(accept, last_bad, ~p.finite)
         tiny = 8 * torch.finfo(p.t_new.dtype).eps
         too_small = (h_next.abs() < tiny * p.t_new.abs().clamp(min=1.0)) & (h_next.abs() < p.left)
         if self.dt_min is not None:
             too_small = too_small | ((h_next.abs() < self.dt_min) & (h_next.abs() < p.left))
         too_small = too_small | (unresolvable & ~accept)
-        fault = torch.where(too_small & p.finite, Status.DT_UNDERFLOW.value, _NO_FAULT)
+        fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
+                                                   Status.DT_UNDERFLOW.value), _NO_FAULT)
         fault = torch.where(streak >= NONFINITE_RETRIES, Status.NONFINITE.value, fault)
         return Decision(accept=accept, h=h_next, state=(torch.where(accept, ratio, prev_ratio),
-                                                         streak), fault=fault)
+                                                         streak, last_bad), fault=fault)
 
     # ----- pieces ------------------------------------------------------------------------------
     def error_ratio(self, error: torch.Tensor, y0: torch.Tensor,

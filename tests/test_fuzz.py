@@ -497,3 +497,272 @@ def test_fuzz_poisoned_rows(kind, bad):
     nonfinite = ~torch.isfinite(poison[:, 0])
     if kind != "likelihood":
         assert bool((result.status[nonfinite] == ds.Status.NONFINITE).all())
+
+
+# ----- regressions: the concrete cases of issue 15 -------------------------------------------
+class _Blowup:
+    """``FIELD_EDM`` that returns ``value`` in ``rows`` (all when None) at ``t <= t_bad``."""
+
+    def __init__(self, value=math.inf, t_bad=EDM.t_min * 1.0001, rows=None):
+        self.process, self.value, self.t_bad, self.rows = EDM, value, t_bad, rows
+
+    def __call__(self, x, t, row=None):
+        out = FIELD_EDM(x, t)
+        hit = t <= self.t_bad
+        if self.rows is not None:
+            hit = hit & torch.isin(row, torch.tensor(self.rows))
+        return torch.where(hit[:, None], self.value, out)
+
+
+@pytest.mark.parametrize("solver", [ds.Euler(), ds.Heun(), ds.EulerMaruyama()],
+                         ids=lambda s: type(s).__name__)
+def test_sample_checks_its_final_denoise(solver):
+    """A field that blows up only at t_min (which Euler on a fixed grid never evaluates, and the
+    final Tweedie step does) is a NONFINITE row holding NaN, not an inf sample under SUCCESS."""
+    field = _Blowup(rows=[1])
+    sol = ds.sample(field, (3, 2), solver=solver, steps=4, generator=0,
+                    cond={"row": torch.arange(3)})
+    assert sol.status.tolist() == [0, ds.Status.NONFINITE, 0]
+    assert bool(torch.isnan(sol.x[1]).all()) and bool(torch.isfinite(sol.x[[0, 2]]).all())
+    assert bool(torch.isfinite(sol.last_x[1]).all())  # where it broke down: before the denoise
+    assert torch.equal(sol.last_x[[0, 2]], sol.x[[0, 2]])
+    clean = ds.sample(FIELD_EDM, (3, 2), solver=solver, steps=4, generator=0)
+    torch.testing.assert_close(sol.x[[0, 2]], clean.x[[0, 2]])
+
+
+def test_nonfinite_row_is_nan_with_its_last_finite_state():
+    sol = ds.sample(_Blowup(math.nan, t_bad=1.0, rows=[0]), (2, 2), solver=ds.Heun(), steps=18,
+                    generator=0, cond={"row": torch.arange(2)})
+    assert sol.status.tolist() == [ds.Status.NONFINITE, ds.Status.SUCCESS]
+    assert bool(torch.isnan(sol.x[0]).all())
+    assert bool(torch.isfinite(sol.last_x[0]).all()) and float(sol.last_t[0]) > 1.0
+
+
+class _NaNBelow:
+    """User ODE dynamics ``dx/dt = -x`` whose drift is NaN at ``t < t_bad`` in the rows with
+    condition ``bad``."""
+
+    def __init__(self, t_bad=0.5):
+        self.t_bad = t_bad
+
+    def drift(self, x, t, bad):
+        return torch.where(((t < self.t_bad) & bad)[:, None], math.nan, -x)
+
+
+@pytest.mark.parametrize("solver", [ds.Bosh3(), ds.Dopri5(), ds.Heun()],
+                         ids=lambda s: type(s).__name__)
+def test_nan_error_estimate_is_nonfinite_not_underflow(solver):
+    """A row creeping up to where its drift is NaN (steps straddling t = 0.5 are rejected,
+    steps short of it accepted, until the step size underflows), or whose NaN is only in the
+    error estimate (Bosh3's and Dopri5's last FSAL stage has weight 0 in the solution), was
+    labelled DT_UNDERFLOW. It is NONFINITE; the other row is unaffected."""
+    sol = ds.solve(_NaNBelow(), torch.ones(2, 2, dtype=torch.float64), 1.0, 0.0, solver=solver,
+                   controller=ds.PIController(1e-5, 1e-5), max_steps=800,
+                   cond={"bad": torch.tensor([True, False])})
+    assert sol.status.tolist() == [ds.Status.NONFINITE, ds.Status.SUCCESS]
+    assert float(sol.last_t[0]) >= 0.5 and bool(torch.isnan(sol.x[0]).all())
+    torch.testing.assert_close(sol.x[1], torch.full((2,), math.e, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)  # dx/dt = -x backwards from t = 1 to 0
+
+
+def test_empty_batches_return_empty_results():
+    x = torch.zeros(0, 2)
+    fixed = ds.solve(_ode(), x, 1.0, 1e-3, solver=ds.Heun(), steps=4, save_at=[0.5])
+    adaptive = ds.solve(_ode(), x, 1.0, 1e-3, solver=ds.Dopri5(), controller=ds.PIController())
+    sde = ds.solve(ds.ReverseSDE(FIELD_VP), x, 1.0, 1e-3, solver=ds.StochasticHeun(),
+                   controller=ds.PIController(), generator=0)
+    sampled = ds.sample(FIELD_EDM, (0, 2), generator=0)
+    annealed = ds.annealed_langevin(FIELD_EDM, (0, 2), [1.0, 0.1], steps_each=2)
+    for sol in (fixed, adaptive, sde, sampled, annealed):
+        assert sol.x.shape == (0, 2) and sol.status.shape == (0,)
+        check_solution(sol)
+    assert fixed.xs.shape == (1, 0, 2)
+    ll = ds.log_likelihood(FIELD_VP, x)
+    assert ll.log_prob.shape == (0,) and ll.status.shape == (0,)
+
+
+@pytest.mark.parametrize("dynamics,t0,t1", [
+    (ds.ProbabilityFlowODE(FIELD_VP), 1.0, -0.5), (ds.ProbabilityFlowODE(FIELD_EDM), 80.0, -1.0),
+    (ds.ReverseSDE(FIELD_VP), -0.1, 0.5)], ids=["vp", "edm", "vp-t0"])
+def test_times_outside_the_process_domain_are_refused(dynamics, t0, t1):
+    name = "t1" if t1 < 0 else "t0"
+    with pytest.raises(ds.InvalidArgumentError, match=rf"`{name}`.*domain"):
+        ds.solve(dynamics, X.clone(), t0, t1, solver=ds.Euler() if not ds.dynamics.is_sde(
+            dynamics) else ds.EulerMaruyama(), steps=4)
+
+
+class _Drift:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def drift(self, x, t):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("output,error", [
+    (lambda x: x[:, :1], ds.InvalidArgumentError), (lambda x: torch.zeros(x.shape[0], 3),
+                                                    ds.InvalidArgumentError),
+    (lambda x: (x,), ds.ArgumentTypeError), (lambda x: x.long(), ds.ArgumentTypeError),
+    (lambda x: None, ds.ArgumentTypeError)], ids=["B1", "B3", "tuple", "int", "none"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_user_drift_outputs_are_checked(output, error, adaptive):
+    """A (B, 1) drift was broadcast silently; (B, 3), tuples and integer outputs failed deep
+    inside difsolve."""
+    step = dict(controller=ds.PIController()) if adaptive else dict(steps=3)
+    with pytest.raises(error, match="`dynamics`"):
+        ds.solve(_Drift(output), X.clone(), 0.0, 1.0, solver=ds.Heun(), **step)
+
+
+def test_user_drift_of_another_float_dtype_is_cast():
+    sol = ds.solve(_Drift(lambda x: -x.double()), X.clone(), 0.0, 1.0, solver=ds.Heun(), steps=8)
+    ref = ds.solve(_Drift(lambda x: -x), X.clone(), 0.0, 1.0, solver=ds.Heun(), steps=8)
+    assert sol.x.dtype == torch.float32
+    torch.testing.assert_close(sol.x, ref.x)
+
+
+@pytest.mark.parametrize("call,error,name", [
+    (lambda: ds.sample(FIELD_EDM, 4, steps=3), ds.ArgumentTypeError, "shape"),
+    (lambda: ds.sample(FIELD_EDM, (-1, 2), steps=3), ds.InvalidArgumentError, "shape"),
+    (lambda: ds.sample(FIELD_EDM, (2, 2), dtype=torch.int64), ds.InvalidArgumentError, "dtype"),
+    (lambda: ds.annealed_langevin(FIELD_EDM, (2, 2), [1.0], dtype=torch.int32),
+     ds.InvalidArgumentError, "dtype"),
+    (lambda: ds.solve(_ode(), X.clone(), 1.0, 1e-3, solver=ds.Euler(), steps=10**12),
+     ds.InvalidArgumentError, "steps"),
+    (lambda: ds.ButcherTableau(c=(0.0, 1.0), a=((),), b=(1.0,)), ds.InvalidArgumentError, "b"),
+    (lambda: ds.ButcherTableau(c=(0.0, 0.5), a=((), (0.4,)), b=(0.5, 0.5)),
+     ds.InvalidArgumentError, "a"),
+    (lambda: ds.ButcherTableau(c=(0.0,), a=((),), b=(1.0,), fsal=True),
+     ds.InvalidArgumentError, "fsal"),
+    (lambda: ds.sample(FIELD_EDM, (2, 2), steps=3, generator=2**70), ds.InvalidArgumentError,
+     "generator"),
+    (lambda: ds.sample(FIELD_EDM, (2, 2), steps=3, device=1), ds.InvalidArgumentError,
+     "device") if not torch.cuda.is_available() else
+    (lambda: ds.sample(FIELD_EDM, (2, 2), steps=3, device=99), ds.InvalidArgumentError,
+     "device"),
+    (lambda: ds.solve(_ode(), X.clone(), 1.0, 1e-3, solver=ds.Euler(), steps=3,
+                      time_variable=np.array(["t"])), ds.ArgumentTypeError, "time_variable"),
+    (lambda: ds.sample(FIELD_VP, (2, 2), steps=3, cond={"label": 1}), ds.IncompatibleError,
+     "cond"),
+    (lambda: ds.solve(_ode(), X.clone(), 1.0, 1e-3, solver=ds.Dopri5(),
+                      controller=ds.PIController(norm=lambda e: None)), ds.ArgumentTypeError,
+     "norm"),
+], ids=["shape-int", "shape-negative", "int-dtype", "int-dtype-annealed", "huge-steps",
+        "tableau-b", "tableau-a", "tableau-fsal", "huge-seed", "device", "choice-array",
+        "unconditional-field", "norm-output"])
+def test_refused_inputs_name_their_argument(call, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        call()
+
+
+def test_int_seeds_and_numpy_scalars_are_ordinary_inputs():
+    a = ds.sample(FIELD_EDM, (2, 2), steps=np.int64(4), generator=3)
+    b = ds.sample(FIELD_EDM, (np.int64(2), 2), steps=4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.x, b.x)
+    ctl = ds.PIController(rtol=np.float32(1e-3), atol=np.float64(1e-3), max_steps=np.int32(200))
+    assert ds.sample(FIELD_EDM, (2, 2), controller=ctl, generator=0).success
+    path = ds.BrownianPath(np.float32(0.0), np.float64(1.0), (np.int64(2), 2), generator=5)
+    assert path(0.0, 1.0).shape == (2, 2)
+
+
+def test_brownian_path_refuses_what_it_cannot_be():
+    with pytest.raises(ds.ArgumentTypeError, match="`dtype`"):
+        ds.BrownianPath(0.0, 1.0, (2, 2), dtype=torch.int64)  # integer increments
+    with pytest.raises(ds.InvalidArgumentError, match="`brownian`"):  # covers half the solve
+        ds.solve(ds.ReverseSDE(FIELD_VP), X.clone(), 1.0, 1e-3, solver=ds.EulerMaruyama(),
+                 steps=4, brownian=ds.BrownianPath(0.5, 1.0, X.shape))
+
+
+def test_exact_trace_on_one_dimensional_data():
+    mix = ds.GaussianMixture([1.0], [[0.3]], [0.5])
+    x = torch.linspace(-1.0, 1.5, 5, dtype=torch.float64)[:, None]
+    ll = ds.log_likelihood(mix.score_field(VP), x, trace=ds.ExactTrace())
+    assert ll.success if hasattr(ll, "success") else bool((ll.status == 0).all())
+    exact = mix.marginal_log_prob(x, VP.t_min, VP)  # up to the prior-mismatch bias
+    torch.testing.assert_close(ll.log_prob, exact, rtol=0, atol=2e-2)
+
+
+class _QueriesMemoryFormat:
+    """A field that asks its input for its memory format, as convolutional models do."""
+
+    process = VP
+
+    def __call__(self, x, t):
+        x.is_contiguous(memory_format=torch.contiguous_format)
+        return FIELD_VP(x, t)
+
+
+@pytest.mark.parametrize("trace", [ds.Hutchinson(probes=3), ds.ExactTrace()], ids=repr)
+def test_trace_falls_back_when_vmap_cannot_run_the_model(trace):
+    a = ds.log_likelihood(_QueriesMemoryFormat(), X.clone(), trace=trace, generator=0)
+    b = ds.log_likelihood(FIELD_VP, X.clone(), trace=trace, generator=0)
+    torch.testing.assert_close(a.log_prob, b.log_prob)
+
+
+# ----- bounded loops: tolerances no step size can meet ----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("solver", [ds.StochasticHeun(), ds.Dopri5(), ds.Heun(),
+                                    ds.DPMSolver(2, corrector=True)],
+                         ids=lambda s: type(s).__name__)
+def test_tolerances_below_rounding_end_with_dt_underflow(solver, dtype):
+    """rtol = atol = 1e-300 ran StochasticHeun and DPMSolver(corrector=True) to the 10 000-step
+    limit (the error estimate is rounding noise, now and then exactly 0, so tiny steps were
+    accepted); it ends at once with DT_UNDERFLOW."""
+    sol = ds.sample(FIELD_VP, (3, 2), solver=solver, dtype=dtype, generator=0,
+                    controller=ds.PIController(rtol=1e-300, atol=1e-300))
+    assert sol.status.tolist() == [ds.Status.DT_UNDERFLOW] * 3
+    assert int(sol.stats.steps.max()) <= 3
+    check_solution(sol)
+
+
+# ----- half precision (docs/errors.md) --------------------------------------------------------
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+@pytest.mark.parametrize("solver,field", [(ds.Euler(), FIELD_EDM), (ds.Heun(), FIELD_EDM),
+                                          (ds.EulerMaruyama(), FIELD_VP)],
+                         ids=["Euler", "Heun", "EulerMaruyama"])
+def test_half_precision_sampling_matches_float32(solver, field, dtype):
+    """Half-precision states keep float32 times and step control; the samples are finite and
+    within a few half-precision rounding units of the float32 samples from the same start."""
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0)) * field.process.prior_std
+    ref = ds.sample(field, x_T=x_T, solver=solver, steps=20, seeds=range(32))
+    sol = ds.sample(field, x_T=x_T.to(dtype), solver=solver, steps=20, seeds=range(32))
+    assert sol.x.dtype == dtype and sol.t.dtype == torch.float32 and sol.success
+    tol = 0.05 if dtype == torch.bfloat16 else 0.01  # 2^-8 and 2^-11 relative, data of scale 2
+    assert float((sol.x.float() - ref.x).abs().max()) < tol
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_half_precision_karras_grid_keeps_its_levels(dtype):
+    """A bfloat16 grid collapsed neighbouring levels ([1.0, 0.969, 0.934, ...]): the grid is in
+    float32, identical to the float32 run's."""
+    def times(dt):
+        ts = []
+        ds.sample(FIELD_EDM, (1, 2), dtype=dt, steps=12, solver=ds.Euler(), generator=0,
+                  callback=lambda info: ts.append(info["t"]))
+        return torch.cat(ts)
+
+    grid = times(dtype)
+    assert grid.dtype == torch.float32 and torch.equal(grid, times(torch.float32))
+    assert bool((grid[1:] < grid[:-1]).all())
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_half_precision_adaptive_needs_tolerances_it_can_resolve(dtype):
+    """Tolerances above the half-precision rounding unit work; finer ones end a row with
+    DT_UNDERFLOW at its first rejected step (never a crawl to max_steps)."""
+    for tv in ("t", "log_sigma", "snr"):
+        ok = ds.sample(FIELD_EDM, (4, 2), dtype=dtype, solver=ds.Heun(), generator=0,
+                       controller=ds.PIController(rtol=5e-2, atol=5e-2), time_variable=tv)
+        assert ok.success, tv
+    fine = ds.sample(FIELD_EDM, (4, 2), dtype=dtype, solver=ds.Heun(), generator=0,
+                     controller=ds.PIController(rtol=1e-4, atol=1e-4), time_variable="t")
+    assert bool((fine.status == ds.Status.DT_UNDERFLOW).all())
+    assert int(fine.stats.steps.max()) < 20 and int(fine.stats.rejected.max()) == 1
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_log_likelihood_refuses_half_precision(dtype):
+    with pytest.raises(ds.IncompatibleError, match=r"`x`.*float32"):
+        ds.log_likelihood(FIELD_VP, X.to(dtype))
