@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -34,7 +36,9 @@ def as_time(t: TimeLike, x: torch.Tensor, name: str = "t",
     if isinstance(t, bool):
         raise ArgumentTypeError(f"argument `{name}` must be a number or a tensor, got {t!r}")
     if isinstance(t, (int, float)) or _is_numpy_number(t):
-        return torch.full((batch,), float(t), device=x.device, dtype=dtype)
+        t = float(t) if not isinstance(t, int) or abs(t) < 2**1000 else math.inf
+        check(not abs(t) > torch.finfo(dtype).max, name, f"a time representable in {dtype}", t)
+        return torch.full((batch,), t, device=x.device, dtype=dtype)
     if not isinstance(t, torch.Tensor):
         raise ArgumentTypeError(f"argument `{name}` must be a number or a tensor, got {t!r}")
     t = t.to(device=x.device, dtype=dtype)
