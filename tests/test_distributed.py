@@ -240,15 +240,9 @@ def test_x_T_and_cond_rows_follow_their_index():
     assert torch.equal(whole.x, parts.x) and torch.equal(parts.x[3], lone.x[0])
 
 
-POW_ROUNDING = (
-    "PIController.factor and .initial_step use Tensor.pow with a fractional exponent, whose "
-    "vectorised CPU kernel rounds differently from its scalar tail, so an adaptive row's steps "
-    "depend on its position in the batch; torch.exp(torch.log(r) * e) is batch-independent")
-
-
 @pytest.mark.parametrize("job", [
     "sde", "ode",
-    pytest.param("adaptive_ll", marks=pytest.mark.xfail(strict=True, reason=POW_ROUNDING))])
+    "adaptive_ll"])
 def test_chunks_wider_than_the_cpu_vector_width_give_the_same_rows(job):
     """Chunks of 3 and 32 rows put a row in the scalar tail or the vectorised body of the CPU
     kernels; its result must not change (the multi-process jobs above use small chunks)."""
