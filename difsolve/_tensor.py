@@ -39,8 +39,8 @@ def as_time(t: TimeLike, x: torch.Tensor, name: str = "t",
         t = float(t) if not isinstance(t, int) or abs(t) < 2**1000 else math.inf
         check(not abs(t) > torch.finfo(dtype).max, name, f"a time representable in {dtype}", t)
         return torch.full((batch,), t, device=x.device, dtype=dtype)
-    if not isinstance(t, torch.Tensor):
-        raise ArgumentTypeError(f"argument `{name}` must be a number or a tensor, got {t!r}")
+    if not isinstance(t, torch.Tensor) or t.is_complex():
+        raise ArgumentTypeError(f"argument `{name}` must be a number or a real tensor, got {t!r}")
     t = t.to(device=x.device, dtype=dtype)
     if t.ndim == 0:
         return t.expand(batch).clone()
