@@ -19,18 +19,22 @@ from .processes import EDM, VE, VP, Poisson, Process, SubVP
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
+    DDIM,
     RK4,
     AnnealedLangevin,
     Bosh3,
     ButcherTableau,
     Dopri5,
     DPMSolver,
+    DPMSolverSDE,
     EDMStochasticHeun,
     Euler,
+    EulerAncestral,
     EulerMaruyama,
     Heun,
     Langevin,
     Midpoint,
+    SASolver,
     Solver,
     StochasticHeun,
     annealed_langevin,
@@ -39,6 +43,7 @@ from .solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDIM",
     "EDM",
     "RK4",
     "SCHEDULES",
@@ -50,11 +55,13 @@ __all__ = [
     "BrownianPath",
     "ButcherTableau",
     "DPMSolver",
+    "DPMSolverSDE",
     "Denoiser",
     "DifsolveError",
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
+    "EulerAncestral",
     "EulerMaruyama",
     "ExactTrace",
     "GaussianMixture",
@@ -73,6 +80,7 @@ __all__ = [
     "ProbabilityFlowODE",
     "Process",
     "ReverseSDE",
+    "SASolver",
     "ScoreField",
     "ScoreNetwork",
     "Solution",
