@@ -16,6 +16,7 @@ from .fields.poisson import PoissonField
 from .integrate import solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
 from .processes import EDM, VE, VP, Poisson, Process, SubVP
+from .restart import Restart, restart_sample
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
@@ -79,6 +80,7 @@ __all__ = [
     "PoissonField",
     "ProbabilityFlowODE",
     "Process",
+    "Restart",
     "ReverseSDE",
     "SASolver",
     "ScoreField",
@@ -92,6 +94,7 @@ __all__ = [
     "annealed_langevin",
     "convergence",
     "log_likelihood",
+    "restart_sample",
     "sample",
     "solve",
 ]

@@ -214,7 +214,7 @@ class _ExponentialMultistep(_DataPredictionSDE):
 
         def combine(w, vals):
             total = bcast(w[:, 0], x) * vals[0]
-            for j in range(1, len(vals)):
+            for j in range(1, min(len(vals), w.shape[1])):
                 total = total + bcast(w[:, j], x) * vals[j]
             return total
 
