@@ -101,16 +101,16 @@ def ds_churn(churn: float):
     return run
 
 
-def ds_restart(solver_fn, lo: float, hi: float, grid: str = "karras"):
+def ds_restart(solver_fn, lo: float, hi: float, levels: str = "logsnr", steps: int = 3):
     """Restart with a multistep ODE solver inside (a segment of ``s`` steps costs ``s`` NFE):
-    ``K = max(1, round(budget / 7))`` restarts of 2 backward steps on ``[lo, hi]``, the rest of the
-    budget (less 1 for the final denoise) on the main pass."""
+    ``K = max(1, round(budget / 10))`` restarts of ``steps`` backward steps on ``[lo, hi]``, the
+    rest of the budget (less 1 for the final denoise) on the main pass."""
 
     def run(p: Problem, budget: int):
-        repeats = max(1, round(budget / 7))
-        main = budget - 1 - 2 * repeats
+        repeats = max(1, round(budget / 10))
+        main = budget - 1 - steps * repeats
         sol = ds.restart_sample(p.field, (p.n, 2), solver=solver_fn(), steps=main,
-                                schedule=grid, restarts=(ds.Restart(lo, hi, repeats, 2),),
+                                schedule=levels, restarts=(ds.Restart(lo, hi, repeats, steps),),
                                 generator=p.gen(), x_T=p.y_T.clone())
         return sol.x, sol.stats.nfe
 
@@ -195,10 +195,13 @@ def samplers(quick: bool):
         ("difsolve", "DPMSolverSDE(1)", ds_sde(ds.DPMSolverSDE(1))),
         ("difsolve", "DPMSolverSDE(3) reference, logsnr", ds_sde(ds.DPMSolverSDE(3), logsnr)),
         ("difsolve", "SASolver(3, 3, tau=0.3), logsnr", ds_sde(ds.SASolver(3, 3, 0.3), logsnr)),
-        ("difsolve", "Restart(DPMSolver(2), [0.05, 0.5])",
+        ("difsolve", "SASolver(2, 2, tau=0.5), logsnr", ds_sde(ds.SASolver(2, 2, 0.5), logsnr)),
+        ("difsolve", "Restart(DPMSolver(2), [0.05, 0.5]), logsnr",
          ds_restart(lambda: ds.DPMSolver(2), 0.05, 0.5)),
-        ("difsolve", "Restart(DPMSolver(3), [0.05, 0.5])",
+        ("difsolve", "Restart(DPMSolver(3), [0.05, 0.5]), logsnr",
          ds_restart(lambda: ds.DPMSolver(3), 0.05, 0.5)),
+        ("difsolve", "Restart(DPMSolver(2), [0.05, 0.5]), karras",
+         ds_restart(lambda: ds.DPMSolver(2), 0.05, 0.5, "karras")),
         ("k-diffusion", "euler_ancestral", kd_sampler("sample_euler_ancestral")),
         ("k-diffusion", "dpmpp_2m_sde", kd_sampler("sample_dpmpp_2m_sde")),
         ("k-diffusion", "dpmpp_3m_sde", kd_sampler("sample_dpmpp_3m_sde")),
@@ -208,7 +211,8 @@ def samplers(quick: bool):
         ("diffusers", "EulerAncestralDiscrete", df_scheduler("EulerAncestralDiscreteScheduler",
                                                              False)),
         ("diffusers", "DDIM eta=1 (trailing)", df_scheduler(
-            "DDIMScheduler", True, eta=1.0, timestep_spacing="trailing", set_alpha_to_one=True)),
+            "DDIMScheduler", True, eta=1.0, timestep_spacing="trailing", set_alpha_to_one=True,
+            clip_sample=False)),
         ("diffusers", "DPMSolverMultistep sde-dpmsolver++ 2 karras", df_scheduler(
             "DPMSolverMultistepScheduler", True, algorithm_type="sde-dpmsolver++",
             solver_order=2, use_karras_sigmas=True)),
@@ -221,16 +225,17 @@ def samplers(quick: bool):
             "SASolverScheduler", True, use_karras_sigmas=True, tau_func=lambda t: 1.0)),
     ]
     if quick:
-        keep = {"DPMSolverSDE(2) reference", "Restart(DPMSolver(2), [0.05, 0.5])",
+        keep = {"DPMSolverSDE(2) reference", "Restart(DPMSolver(2), [0.05, 0.5]), logsnr",
                 "dpmpp_2m_sde", "euler_ancestral", "DPMSolverMultistep sde-dpmsolver++ 2 karras"}
         rows = [r for r in rows if r[1] in keep]
     return rows
 
 
-def floor(p: Problem, repeats: int) -> tuple[float, float]:
-    errs = [p.errors(p.mixture.sample(p.n, torch.Generator().manual_seed(10_000 + r)))
-            for r in range(repeats)]
-    return tuple(float(np.mean([e[i] for e in errs])) for i in range(2))
+def floor(p: Problem, repeats: int):
+    """Mean and standard deviation of the errors of exact draws of the same size."""
+    errs = np.array([p.errors(p.mixture.sample(p.n, torch.Generator().manual_seed(10_000 + r)))
+                     for r in range(repeats)])
+    return tuple(errs.mean(0)), tuple(errs.std(0, ddof=1))
 
 
 def main(argv=None) -> int:
@@ -238,14 +243,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples and samplers")
     parser.add_argument("--png", default=None, help="write the figure here")
     parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=1,
+                        help="prior and noise seed (the configurations were chosen on seed 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    n = args.samples or (4000 if args.quick else 20000)
-    p = Problem(n, seed=0)
-    fw, fs = floor(p, 4 if args.quick else 16)
+    n = args.samples or (4000 if args.quick else 40000)
+    p = Problem(n, seed=args.seed)
+    (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 16)
     print(f"exact 8-mode ring under EDM (sigma 80 -> 0.002), {n} samples, float64")
-    print(f"Monte-Carlo floor (mean error of exact draws of {n}): weight {fw:.4f}, "
-          f"width {fs:.4f}")
+    print(f"Monte-Carlo floor (mean error of exact draws of {n}, +- its standard deviation): "
+          f"weight {fw:.4f} +- {sw:.4f}, width {fs:.4f} +- {ss:.4f}")
     header = (f"{'library':<12} {'sampler':<46} " +
               " ".join(f"{'NFE':>4} {'weight':>7} {'width':>7}" for _ in BUDGETS) + f" {'s':>6}")
     print(header)
@@ -265,16 +272,21 @@ def main(argv=None) -> int:
     print()
     print("best above the floor (error - floor), difsolve against the best peer:")
     for k, b in enumerate(BUDGETS):
-        for m, (label, fl) in enumerate((("weight", fw), ("width", fs))):
+        for m, (label, fl, sd) in enumerate((("weight", fw, sw), ("width", fs, ss))):
             best = {}
             for side in ("difsolve", "peer"):
                 cands = [(row[k][m + 1] - fl, name) for (lib, name), row in results.items()
                          if (lib == "difsolve") == (side == "difsolve")]
                 best[side] = min(cands)
             (dv, dn), (pv, pn) = best["difsolve"], best["peer"]
-            ratio = dv / pv if pv > 0 else math.inf
-            print(f"  {b:>3} NFE {label:<6}: difsolve {dv:.4f} ({dn}), peer {pv:.4f} ({pn}), "
-                  f"ratio {ratio:.2f} {'(target <= 0.5 met)' if ratio <= 0.5 else '(not met)'}")
+            if pv <= 2 * sd:
+                verdict = "peer within 2 sd of the floor: not resolved"
+                ratio = "-"
+            else:
+                ratio = f"{max(dv, 0.0) / pv:.2f}"
+                verdict = "target <= 0.5 met" if max(dv, 0.0) / pv <= 0.5 else "not met"
+            print(f"  {b:>3} NFE {label:<6}: difsolve {dv:+.4f} ({dn}), peer {pv:+.4f} ({pn}), "
+                  f"ratio {ratio} ({verdict})")
     if args.png:
         _plot(results, (fw, fs), args.png)
     return 0

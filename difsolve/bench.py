@@ -16,8 +16,9 @@ def _bench_dir() -> Path | None:
     return here if here.is_dir() else None
 
 
-def run_bench(names: list[str] | None = None) -> int:
-    """Run ``benchmarks/bench_<name>.py`` for each name (all when empty); returns an exit code."""
+def run_bench(names: list[str] | None = None, extra: list[str] | None = None) -> int:
+    """Run ``benchmarks/bench_<name>.py`` for each name (all when empty) with the command-line
+    arguments ``extra`` (e.g. ``["--quick"]``); returns an exit code."""
     folder = _bench_dir()
     if folder is None:
         print("difsolve bench: the benchmarks/ folder of a source checkout was not found; clone "
@@ -34,7 +35,7 @@ def run_bench(names: list[str] | None = None) -> int:
         print(f"\n===== benchmarks/bench_{name}.py =====", flush=True)
         argv = sys.argv
         try:
-            sys.argv = [str(available[name])]
+            sys.argv = [str(available[name]), *(extra or [])]
             runpy.run_path(str(available[name]), run_name="__main__")
         finally:
             sys.argv = argv

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--plot", default=None, help="write the log-log figure here")
     bench = sub.add_parser("bench", help="run the benchmarks against peer libraries")
     bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    bench.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_converge(plot=args.plot)
     from .bench import run_bench
 
-    return run_bench(args.names)
+    return run_bench(args.names, extra=["--quick"] if args.quick else [])
 
 
 if __name__ == "__main__":
