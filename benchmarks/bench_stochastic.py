@@ -288,28 +288,35 @@ def main(argv=None) -> int:
             print(f"  {b:>3} NFE {label:<6}: difsolve {dv:+.4f} ({dn}), peer {pv:+.4f} ({pn}), "
                   f"ratio {ratio} ({verdict})")
     if args.png:
-        _plot(results, (fw, fs), args.png)
+        _plot(results, (fw, fs), (sw, ss), args.png)
     return 0
 
 
-def _plot(results, floors, png):
+def _plot(results, floors, spreads, png):
+    """Every sampler in thin grey; the best of each library at each budget in colour; the
+    Monte-Carlo floor as a band (mean +- 2 sd of exact draws)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    colours = {"difsolve": "tab:red", "k-diffusion": "tab:blue", "diffusers": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for m, (ax, label) in enumerate(zip(axes, ("mode-weight error", "width error"))):
-        for (lib, name), row in results.items():
-            style = "-o" if lib == "difsolve" else ("--s" if lib == "k-diffusion" else ":^")
-            ax.plot([r[0] for r in row], [max(r[m + 1], 1e-4) for r in row], style, ms=4,
-                    label=f"{lib}: {name}")
-        ax.axhline(floors[m], color="k", lw=0.8, label="Monte-Carlo floor")
+        for row in results.values():
+            ax.plot([r[0] for r in row], [r[m + 1] for r in row], "-", color="0.8", lw=0.7)
+        for lib, colour in colours.items():
+            rows = [row for (name, _), row in results.items() if name == lib]
+            best = [min(row[k][m + 1] for row in rows) for k in range(len(BUDGETS))]
+            ax.plot(BUDGETS, best, "-o", color=colour, lw=2, label=f"best {lib}")
+        lo, hi = floors[m] - 2 * spreads[m], floors[m] + 2 * spreads[m]
+        ax.axhspan(max(lo, 1e-4), hi, color="k", alpha=0.12, label="Monte-Carlo floor +- 2 sd")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
         ax.set_xlabel("evaluations per sample")
-        ax.set_title(label)
-    axes[1].legend(fontsize=6, loc="upper right")
+        ax.set_title(f"{label} (grey: every sampler)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     print(f"wrote {png}")

@@ -380,3 +380,17 @@ def test_edm_churn_on_any_process_matches_edm(proc_name):
     plain = ds.solve(ds.ProbabilityFlowODE(mixture().score_field(proc)), a_T * y_T, proc.t_max,
                      proc.t_min, solver=ds.EDMStochasticHeun(), steps=ts)
     assert float((plain.x - got.x).abs().max()) > 1e-3
+
+
+def test_reference_3m_formula_has_ode_order_2_exact_has_3():
+    """At ``eta = 0`` the published 3M update (k-diffusion / DPM-Solver, reproduced above to
+    round-off) weights the curvature term by half its exact quadrature: ODE order 2 on Gaussian
+    data, where the exact quadrature of the same quadratic interpolant has order >= 3."""
+    proc = ds.EDM()
+    steps = (32, 64, 128)
+    ref = _law_errors(lambda: ds.DPMSolverSDE(3, eta=0.0), proc, "logsnr", steps)
+    exact = _law_errors(lambda: ds.DPMSolverSDE(3, eta=0.0, variant="exact"), proc, "logsnr",
+                        steps)
+    assert abs(fit_slope(steps, ref) - 2) <= TOL, ref
+    assert fit_slope(steps, exact) >= 3 - TOL, exact
+    assert exact[-1] < 0.1 * ref[-1]
