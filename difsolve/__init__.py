@@ -6,15 +6,23 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence
+from . import convergence, problems
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
-from .control import SCHEDULES, PIController
+from .control import SCHEDULES, Controller, Decision, PIController, Proposal
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
-from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
+from .fields import (
+    ClassifierFreeGuidance,
+    Denoiser,
+    GaussianMixture,
+    GaussianMixtureField,
+    ScoreField,
+    ScoreNetwork,
+)
 from .fields.poisson import PoissonField
-from .integrate import solve
+from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
+from .noise import BridgedNoise, FreshNoise, NoiseSource
 from .processes import EDM, VE, VP, Poisson, Process, SubVP
 from .restart import Restart, restart_sample
 from .sample import sample
@@ -53,10 +61,14 @@ __all__ = [
     "AnnealedLangevin",
     "ArgumentTypeError",
     "Bosh3",
+    "BridgedNoise",
     "BrownianPath",
     "ButcherTableau",
+    "ClassifierFreeGuidance",
+    "Controller",
     "DPMSolver",
     "DPMSolverSDE",
+    "Decision",
     "Denoiser",
     "DifsolveError",
     "Dopri5",
@@ -65,6 +77,7 @@ __all__ = [
     "EulerAncestral",
     "EulerMaruyama",
     "ExactTrace",
+    "FreshNoise",
     "GaussianMixture",
     "GaussianMixtureField",
     "Heun",
@@ -74,12 +87,15 @@ __all__ = [
     "Langevin",
     "LogLikelihood",
     "LogSigmaTime",
+    "LoopState",
     "Midpoint",
+    "NoiseSource",
     "PIController",
     "Poisson",
     "PoissonField",
     "ProbabilityFlowODE",
     "Process",
+    "Proposal",
     "Restart",
     "ReverseSDE",
     "SASolver",
@@ -94,6 +110,7 @@ __all__ = [
     "annealed_langevin",
     "convergence",
     "log_likelihood",
+    "problems",
     "restart_sample",
     "sample",
     "solve",

@@ -26,8 +26,9 @@ from ._tensor import bcast
 from .control import make_grid
 from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
-from .fields.base import denoise as tweedie
 from .integrate import solve
+from .noise import make_stream
+from .sample import _denoise_end
 from .solution import Solution
 from .solvers.base import Solver
 from .solvers.runge_kutta import Heun
@@ -55,9 +56,10 @@ class Restart:
 
 def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 18,
                    schedule: str = "karras", restarts=(Restart(0.3, 2.0, 2, 3),),
-                   generator: torch.Generator | None = None, denoise: bool = True,
-                   device=None, dtype=None, x_T: torch.Tensor | None = None,
-                   time_variable: str = "t") -> Solution:
+                   generator: torch.Generator | int | None = None, seeds=None,
+                   denoise: bool = True, device=None, dtype=None,
+                   x_T: torch.Tensor | None = None, time_variable: str = "t",
+                   cond: dict | None = None) -> Solution:
     """Sample ``shape`` from ``field`` with Restart sampling; returns a :class:`Solution`.
 
     Args:
@@ -67,10 +69,13 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
         steps, schedule: the main pass's fixed grid from ``t_max`` to ``t_min``.
         restarts: :class:`Restart` intervals; each ``sigma_lo`` is snapped to the nearest main
             grid point above ``t_min``.
-        generator: the prior draw and the restart noise.
+        generator: the prior draw and the restart noise (a generator or an int seed).
+        seeds: one int per row instead of ``generator``: row ``i``'s prior draw and restart
+            noise come from its own stream (a row's result does not depend on its batch).
         denoise: end with one Tweedie step (one more evaluation).
         x_T: the state at ``t_max`` instead of a prior draw.
         time_variable: passed to :func:`~difsolve.solve` for every ODE segment.
+        cond: conditioning passed to the field (see :func:`~difsolve.sample`).
 
     ``stats.nfe`` counts every segment; ``stats.steps`` the steps of every segment.
     """
@@ -91,10 +96,12 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
     ode = ProbabilityFlowODE(field)
     solver.check_dynamics(ode)
     if x_T is None:
-        x = process.prior_sample(tuple(int(s) for s in shape), generator=generator,
-                                 device=device, dtype=dtype)
+        shape = tuple(int(s) for s in shape)
+        stream = make_stream(generator, seeds, shape[0], device or "cpu")
+        x = stream.prior(process, shape, device, dtype)
     else:
         x = x_T
+        stream = make_stream(generator, seeds, x.shape[0], x.device)
     one = torch.ones(1, device=x.device, dtype=x.dtype)
     grid = make_grid(schedule, steps, one * process.t_max, one * process.t_min, process)[:, 0]
     sig = process.sigma(grid)
@@ -109,7 +116,8 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
 
     def run(x, g):
         nonlocal nfe, total_steps, sol
-        sol = solve(ode, x, g[0], g[-1], solver=solver, steps=g, time_variable=time_variable)
+        sol = solve(ode, x, g[0], g[-1], solver=solver, steps=g, time_variable=time_variable,
+                    cond=cond)
         nfe += sol.stats.nfe
         total_steps = total_steps + sol.stats.steps
         return sol.x
@@ -126,7 +134,7 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
             jump = math.sqrt(max(float((b_hi / a_hi) ** 2 - (b_lo / a_lo) ** 2), 0.0))
             back = make_grid(schedule, r.steps, t_hi, t_lo.reshape(1), process)[:, 0]
             for _ in range(r.repeats):
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                z = stream.randn(x)
                 x = bcast(a_hi, x) * (x / bcast(a_lo, x) + jump * z)
                 x = run(x, back)
         start = j
@@ -136,7 +144,5 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
     sol.stats.steps = total_steps
     sol.stats.accepted = total_steps.clone()
     if denoise:
-        sol.x = tweedie(field, x, sol.t)
-        sol.stats.nfe += 1
-        sol.stats.nfe_per_sample += 1
+        _denoise_end(field, sol, cond)
     return sol

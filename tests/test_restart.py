@@ -105,3 +105,14 @@ def test_errors():
         ds.restart_sample(field, (2, 2), restarts=[(0.1, 1.0)])
     with pytest.raises(ds.ArgumentTypeError, match="solver"):
         ds.restart_sample(field, (2, 2), solver="heun")
+
+
+def test_per_row_seeds_make_rows_batch_independent():
+    field = ring().score_field(ds.VP())
+    kw = dict(solver=ds.DPMSolver(2), steps=10, restarts=(ds.Restart(0.1, 1.0, 2, 2),),
+              dtype=torch.float64)
+    full = ds.restart_sample(field, (4, 2), seeds=[5, 6, 7, 8], **kw)
+    part = ds.restart_sample(field, (2, 2), seeds=[6, 7], **kw)
+    torch.testing.assert_close(part.x, full.x[1:3], rtol=0, atol=0)
+    other = ds.restart_sample(field, (2, 2), seeds=[6, 9], **kw)
+    assert not torch.equal(other.x[1], full.x[2])

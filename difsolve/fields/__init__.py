@@ -2,9 +2,11 @@
 
 from .base import ScoreField, check_field, denoise, is_exact
 from .gaussian_mixture import GaussianMixture, GaussianMixtureField
+from .guidance import ClassifierFreeGuidance
 from .network import Denoiser, ScoreNetwork
 
 __all__ = [
+    "ClassifierFreeGuidance",
     "Denoiser",
     "GaussianMixture",
     "GaussianMixtureField",

@@ -26,7 +26,7 @@ class ScoreField(Protocol):
 
     process: Process
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor: ...
 
 
 def check_field(field, name: str = "field") -> None:
@@ -43,10 +43,11 @@ def is_exact(field) -> bool:
     return bool(getattr(field, "exact_score", True))
 
 
-def denoise(field, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any)."""
+def denoise(field, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any);
+    ``cond`` is passed to the field."""
     own = getattr(field, "denoise", None)
     if own is not None:
-        return own(x, t)
+        return own(x, t, **cond)
     a, b = field.process.marginal(t)
-    return x0_from_score(field(x, t), x, bcast(a, x), bcast(b, x))
+    return x0_from_score(field(x, t, **cond), x, bcast(a, x), bcast(b, x))
