@@ -296,6 +296,7 @@ def _plot(results, floors, spreads, png):
     """Every sampler in thin grey; the best of each library at each budget in colour; the
     Monte-Carlo floor as a band (mean +- 2 sd of exact draws)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -314,6 +315,7 @@ def _plot(results, floors, spreads, png):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("evaluations per sample")
         ax.set_title(f"{label} (grey: every sampler)")
     axes[0].legend(fontsize=8)
