@@ -10,7 +10,8 @@ jumps contract the accumulated ODE error in law (the paper's Theorem 2: the Wass
 of the ODE error shrinks by a factor per restart) while the ODE steps add little discretisation
 error; any difsolve ODE solver does the steps (EDM's Heun in the paper).
 
-Noise law: one ``N(0, I)`` per element and restart, from ``generator``. Work: the NFE of the main
+Noise law: one ``N(0, I)`` per element and restart, from ``generator`` (or, with ``seeds=``, from
+each row's own stream, so a row's result does not depend on its batch). Work: the NFE of the main
 pass plus ``repeats`` times the NFE of each backward pass (plus 1 for ``denoise``).
 """
 

@@ -319,6 +319,7 @@ def test_declared_capabilities_and_errors():
         assert s.sde and s.stochastic and s.strong_order == 1.0 and s.stages == 1
         assert not s.adaptive
     assert ds.DPMSolverSDE(1).weak_order == 1.0 and ds.DPMSolverSDE(3).weak_order == 2.0
+    assert ds.DPMSolverSDE(3).order == 2 and ds.DPMSolverSDE(3, variant="exact").order == 3
     with pytest.raises(ds.InvalidArgumentError, match="order"):
         ds.DPMSolverSDE(4)
     with pytest.raises(ds.InvalidArgumentError, match="eta"):

@@ -266,7 +266,8 @@ class DPMSolverSDE(_ExponentialMultistep):
         check(order in (1, 2, 3), "order", "1, 2 or 3", order)
         check(variant in ("reference", "exact"), "variant", "'reference' or 'exact'", variant)
         super().__init__(order, 0, _check_eta(eta), variant, eta_range)
-        self.order = order
+        # ODE order (eta = 0); the published 3M halves the curvature term: order 2
+        self.order = 2 if (order == 3 and variant == "reference") else order
         if order == 1:
             self.weak_order = 1.0
 
