@@ -6,7 +6,7 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence, problems
+from . import convergence, distributed, problems
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
 from .control import SCHEDULES, Controller, Decision, PIController, Proposal
@@ -105,6 +105,7 @@ __all__ = [
     "annealed_langevin",
     "convergence",
     "diffusers_timesteps",
+    "distributed",
     "from_diffusers",
     "log_likelihood",
     "problems",
