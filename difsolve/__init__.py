@@ -6,7 +6,7 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence, problems
+from . import convergence, distributed, problems
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
 from .control import SCHEDULES, Controller, Decision, PIController, Proposal
@@ -19,11 +19,13 @@ from .fields import (
     ScoreField,
     ScoreNetwork,
 )
+from .fields.diffusers import diffusers_timesteps, from_diffusers
+from .fields.network import DiscreteDenoiser
 from .fields.poisson import PoissonField
 from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
 from .noise import BridgedNoise, FreshNoise, NoiseSource
-from .processes import EDM, VE, VP, Poisson, Process, SubVP
+from .processes import EDM, VE, VP, DiscreteVP, Poisson, Process, RectifiedFlow, SubVP
 from .restart import Restart, restart_sample
 from .sample import sample
 from .solution import Solution, Stats, Status
@@ -71,6 +73,8 @@ __all__ = [
     "Decision",
     "Denoiser",
     "DifsolveError",
+    "DiscreteDenoiser",
+    "DiscreteVP",
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
@@ -96,6 +100,7 @@ __all__ = [
     "ProbabilityFlowODE",
     "Process",
     "Proposal",
+    "RectifiedFlow",
     "Restart",
     "ReverseSDE",
     "SASolver",
@@ -109,6 +114,9 @@ __all__ = [
     "SubVP",
     "annealed_langevin",
     "convergence",
+    "diffusers_timesteps",
+    "distributed",
+    "from_diffusers",
     "log_likelihood",
     "problems",
     "restart_sample",

@@ -216,9 +216,9 @@ class PIController:
         k = error_order
         tiny = torch.finfo(ratio.dtype).tiny
         r = ratio.clamp(min=tiny)
-        fac = self.safety * r.pow(-(self.pcoeff + self.icoeff) / k)
+        fac = self.safety * _power(r, -(self.pcoeff + self.icoeff) / k)
         if self.pcoeff != 0.0:
-            fac = fac * prev_ratio.clamp(min=tiny).pow(self.pcoeff / k)
+            fac = fac * _power(prev_ratio.clamp(min=tiny), self.pcoeff / k)
         fac = torch.nan_to_num(fac, nan=self.factor_min, posinf=self.factor_max)
         fac = fac.clamp(self.factor_min, self.factor_max)
         return torch.where(accept, fac, fac.clamp(max=1.0))
@@ -259,7 +259,7 @@ class PIController:
         d2 = self.norm((f1 - f0) / scale) / h0
         dmax = torch.maximum(d1, d2)
         h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
-                         (0.01 / dmax.clamp(min=1e-30)).pow(1.0 / (solver.order + 1)))
+                         _power(0.01 / dmax.clamp(min=1e-30), 1.0 / (solver.order + 1)))
         h = torch.minimum(torch.minimum(100 * h0, h1), span)
         return self.clip(direction * h), nfe
 
@@ -267,6 +267,13 @@ class PIController:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
                            if v is not None and not (k == "norm" and v is rms))
         return f"PIController({params})"
+
+
+def _power(r: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``r ** exponent`` for ``r > 0`` as ``exp(exponent log r)``: elementwise kernels whose result
+    does not depend on a row's position in the batch (the vectorised CPU ``pow`` with a fractional
+    exponent rounds differently from its scalar tail, which made a row's steps batch-dependent)."""
+    return torch.exp(exponent * torch.log(r))
 
 
 def _real(value, name: str) -> float:
