@@ -146,12 +146,16 @@ ALL = [
 ]
 
 
-@pytest.mark.parametrize("proc_name", ["VP", "EDM", "SubVP"])
+PROCS = {"VP": ds.VP, "EDM": ds.EDM, "SubVP": ds.SubVP, "DiscreteVP": ds.DiscreteVP.linear,
+         "RectifiedFlow": ds.RectifiedFlow}
+
+
+@pytest.mark.parametrize("proc_name", list(PROCS))
 @pytest.mark.parametrize("name,make", ALL, ids=[c[0] for c in ALL])
 def test_exact_on_the_linear_part_any_grid(proc_name, name, make):
     """Single-point data: the data prediction is constant, so the exact OU transition (linear part
     and noise) is the whole solution: exact marginals on a coarse, uneven grid."""
-    proc = {"VP": ds.VP, "EDM": ds.EDM, "SubVP": ds.SubVP}[proc_name]()
+    proc = PROCS[proc_name]()
     mu = torch.tensor([0.7, -0.4], dtype=torch.float64)
     field = PointData(mu, proc)
     grid = torch.tensor([proc.t_max, 0.6 * proc.t_max, 0.1 * proc.t_max, 0.07 * proc.t_max,
