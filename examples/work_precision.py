@@ -25,7 +25,7 @@ from _common import nfe, parse_args, pyplot, reference, ring, rms, save
 import difsolve as ds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from _peers import (  # noqa: E402  (the peers' adapters live with the benchmarks)
+from _peers import (  # the peers' adapters live with the benchmarks
     CountingDenoiser,
     load_k_diffusion_sampling,
     torchdiffeq_solve,
