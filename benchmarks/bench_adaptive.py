@@ -2,20 +2,26 @@
 
 1. Work-precision on the EDM probability-flow ODE of an exact 8-component 2-D ring mixture
    (sigma 80 -> 0.002, float64): evaluations per sample against RMS endpoint error (tight
-   reference), difsolve against torchdiffeq ``dopri5`` and k-diffusion ``sample_dpm_adaptive`` /
-   ``sample_lms``. For each difsolve point, the best peer's work at the same error is read off the
-   peer's Pareto front by log-log interpolation.
+   reference), difsolve against k-diffusion ``sample_dpm_adaptive`` / ``sample_lms`` (in sigma)
+   and torchdiffeq ``dopri5`` and torchode ``Dopri5`` (integral and PI control) integrating in
+   sigma, in log sigma and in difsolve's ``snr`` coordinates (``w = 1/sigma``, ``z = x/sigma``):
+   the same time variables difsolve uses. torchode's count per sample is what each row's own steps
+   cost (it evaluates every row at every call). For each difsolve point, the best peer's work at
+   the same error is read off each peer's Pareto front by log-log interpolation; the ratio is
+   printed against every peer and against the peers integrating in sigma only.
 2. Batch independence: one stiff sample among easy ones (torchdiffeq shares one step size).
 3. Adaptive SDE (StochasticHeun + PIController, "Gotta Go Fast") against fixed-step
    Euler-Maruyama on a 4-mode ring with unequal weights under VP: mode-weight and mode-width errors
    against the closed form, and the work needed to match Euler-Maruyama with 1000 steps.
 
-Run: ``python benchmarks/bench_adaptive.py [--quick]``.
+Run: ``python benchmarks/bench_adaptive.py [--quick]`` (full: about 10 min on one core, most of
+it section 3; ``--quick``: about a minute).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import math
 import sys
@@ -108,13 +114,16 @@ def work_precision(batch: int, quick: bool):
         rows.append(("k-diffusion lms (karras)", f"steps={n}", float(model.calls), model.calls,
                      err(x), time.perf_counter() - t0))
     peer_tols = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7] if not quick else [1e-4, 1e-6]
+    has_torchode = importlib.util.find_spec("torchode") is not None
+    if not has_torchode:
+        print("torchode is not installed (pip install torchode): its rows are left out")
     for tv in ("t", "log_sigma", "snr"):  # "t" is sigma itself for EDM
         for tol in peer_tols:
             t0 = time.perf_counter()
             x, calls = torchdiffeq_solve(field, x_t, tv, tol)
             rows.append((f"torchdiffeq dopri5 ({tv})", f"rtol=atol={tol:g}", float(calls), calls,
                          err(x), time.perf_counter() - t0))
-            for label, pi_coeffs in (("I", None), ("PI", (0.3, 0.4))):
+            for label, pi_coeffs in (("I", None), ("PI", (0.3, 0.4))) if has_torchode else ():
                 t0 = time.perf_counter()
                 x, per_sample, calls = torchode_solve(field, x_t, tv, tol, pi=pi_coeffs)
                 rows.append((f"torchode dopri5 {label} ({tv})", f"rtol=atol={tol:g}", per_sample,
