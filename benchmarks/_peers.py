@@ -54,19 +54,6 @@ class CountingDenoiser:
         return x + sigma.reshape(-1, *([1] * (x.ndim - 1))).square() * s
 
 
-class CountingODE(torch.nn.Module):
-    """torchdiffeq right-hand side ``dx/dsigma = -sigma s(x, sigma)`` counting batched calls."""
-
-    def __init__(self, field):
-        super().__init__()
-        self.field, self.calls = field, 0
-
-    def forward(self, sigma, x):
-        self.calls += 1
-        s = sigma.expand(x.shape[0])
-        return -sigma * self.field(x, s)
-
-
 def edm_ode_in(field, time_variable: str, sigma_max: float, sigma_min: float):
     """The EDM probability-flow ODE of ``field`` in ``time_variable`` (for peer integrators).
 
