@@ -2,24 +2,21 @@
 
 The benchmarks compare difsolve with peer libraries (torchdiffeq, torchode, torchsde, k-diffusion
 and score_sde's recipes) in the same run; they live beside the package, not inside it. Every
-script takes ``--quick`` (a smoke run of a few settings).
+script takes ``--quick`` (a smoke run of a few settings) and states its running time in a line
+``Expected time: ...`` of its module docstring, which ``difsolve bench --help`` lists.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 import runpy
 import sys
 import time
 from pathlib import Path
 
-#: what each benchmark measures and how long it takes on one CPU core (full / ``--quick``)
-EXPECTED = {
-    "adaptive": ("work-precision of the adaptive ODE solvers against k-diffusion, torchdiffeq and "
-                 "torchode; batch independence; adaptive SDE against Euler-Maruyama",
-                 "about 10 min", "about 1 min"),
-    "likelihood": ("log-likelihood against the closed form, score_sde's recipe and "
-                   "k-diffusion", "about 2 min", "about 20 s"),
-}
+#: the line of a benchmark's module docstring that states its running time
+EXPECTED_LINE = re.compile(r"^\s*Expected time:\s*(.+?)\s*$", re.M)
 
 
 def bench_dir() -> Path | None:
@@ -36,13 +33,22 @@ def available() -> dict[str, Path]:
     return {p.stem.removeprefix("bench_"): p for p in sorted(folder.glob("bench_*.py"))}
 
 
+def summary(path: Path) -> tuple[str, str]:
+    """``(first line of the script's docstring, its "Expected time:" line)``, read without
+    running it."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    first = doc.strip().splitlines()[0] if doc.strip() else "(no description)"
+    found = EXPECTED_LINE.search(doc)
+    return first, found.group(1) if found else "not stated"
+
+
 def describe() -> str:
-    """One line per benchmark: name, what it measures, expected time (full, quick)."""
+    """One line per benchmark: name, what it measures, expected time."""
     lines = []
-    for name in available() or EXPECTED:
-        what, full, quick = EXPECTED.get(name, ("(no description)", "unknown", "unknown"))
-        lines.append(f"  {name}: {what}; full run {full}, --quick {quick}")
-    return "\n".join(lines)
+    for name, path in available().items():
+        what, expected = summary(path)
+        lines.append(f"  {name}: {what} Expected time: {expected}")
+    return "\n".join(lines) or "  (no benchmarks/ folder: run from a source checkout)"
 
 
 def run_bench(names: list[str] | None = None, quick: bool = False) -> int:
@@ -60,10 +66,9 @@ def run_bench(names: list[str] | None = None, quick: bool = False) -> int:
               file=sys.stderr)
         return 2
     for i, name in enumerate(chosen, 1):
-        expected = EXPECTED.get(name, ("", "unknown", "unknown"))[2 if quick else 1]
         flag = " --quick" if quick else ""
-        print(f"[{i}/{len(chosen)}] benchmarks/bench_{name}.py{flag} (expected {expected}) ...",
-              flush=True)
+        print(f"[{i}/{len(chosen)}] benchmarks/bench_{name}.py{flag} (expected time: "
+              f"{summary(scripts[name])[1]}) ...", flush=True)
         argv = sys.argv
         started = time.perf_counter()
         try:

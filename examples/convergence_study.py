@@ -6,7 +6,9 @@ uniform grid and DPM-Solver++ 2M / 3M on the log-SNR grid; and the strong order 
 and stochastic Heun on the VP reverse SDE of the same mixture, every step count along the same
 Brownian path (``ds.BrownianPath``). Each panel is a ``ds.convergence`` study: log-log error
 against steps with the least-squares slope (the observed order) and its 95% interval in the
-legend. The closed-form set of every solver is ``difsolve converge --plot FILE``.
+legend. Then the closed-form set of every solver (``ds.convergence.default_studies()``, the
+``difsolve converge`` table) drawn as ``convergence_ode.png`` and ``convergence_sde.png`` (the
+figures of docs/convergence.md; ``--quick`` divides its step counts by 8).
 
 Run:  python examples/convergence_study.py [--quick] [--out DIR]
 """
@@ -49,6 +51,14 @@ def main() -> None:
     fig = ds.convergence.plot_studies(studies, ncols=3,
                                       title="Observed orders on an 8-mode ring mixture (VP)")
     save(fig, args, "convergence_study.png")
+
+    closed_form = ds.convergence.default_studies(shrink=8 if quick else 1)
+    for kind, name, title in [
+            (("ode",), "convergence_ode.png", "ODE solvers on the exact VP Gaussian flow"),
+            (("strong", "weak"), "convergence_sde.png",
+             "SDE solvers: strong and weak orders along shared Brownian paths")]:
+        chosen = [st for st in closed_form if st.kind in kind]
+        save(ds.convergence.plot_studies(chosen, ncols=4, title=title), args, name)
 
 
 if __name__ == "__main__":
