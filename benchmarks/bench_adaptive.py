@@ -14,8 +14,9 @@
    Euler-Maruyama on a 4-mode ring with unequal weights under VP: mode-weight and mode-width errors
    against the closed form, and the work needed to match Euler-Maruyama with 1000 steps.
 
-Run: ``python benchmarks/bench_adaptive.py [--quick]`` (full: about 10 min on one core, most of
-it section 3; ``--quick``: about a minute).
+Run: ``python benchmarks/bench_adaptive.py [--quick]``.
+
+Expected time: full about 17 min (most of it section 3), --quick about 2 min (one CPU core).
 """
 
 from __future__ import annotations
