@@ -205,7 +205,7 @@ def _plot(results, field, runs, seed: int, png: str) -> None:
     ax = axes[1]
     det = [(i, r) for i, r in enumerate(results) if r[2] is not None]
     parts = ax.violinplot([r[2].clamp_min(1e-14).log10().numpy() for _, r in det],
-                          vert=False, showmedians=True)
+                          orientation="horizontal", showmedians=True)
     for body, (i, _) in zip(parts["bodies"], det):
         body.set_facecolor(colours(i))
     ax.set_yticks(range(1, len(det) + 1), [f"{r[0]}\n{r[1]:.0f} NFE" for _, r in det],

@@ -1,5 +1,6 @@
-"""The documentation runs: every ```python block of docs/ executes (blocks of one page share a
-namespace, in order); ```py blocks are sketches (they name objects the reader supplies)."""
+"""The documentation runs: every ```python block of the pages in RUNNABLE executes (blocks of one
+page share a namespace, in order); other pages may hold sketches (protocols, objects the reader
+supplies). Every figure in docs/ exists and has the command that makes it on its page."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
+#: pages whose ```python blocks are complete programs
+RUNNABLE = ("getting-started.md", "extending.md", "likelihood.md", "convergence.md")
+PAGES = [DOCS / name for name in RUNNABLE]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
