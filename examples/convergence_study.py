@@ -6,7 +6,11 @@ uniform grid and DPM-Solver++ 2M / 3M on the log-SNR grid; and the strong order 
 and stochastic Heun on the VP reverse SDE of the same mixture, every step count along the same
 Brownian path (``ds.BrownianPath``). Each panel is a ``ds.convergence`` study: log-log error
 against steps with the least-squares slope (the observed order) and its 95% interval in the
-legend. Then the closed-form set of every solver (``ds.convergence.default_studies()``, the
+legend. Measured (full run): Euler 1.00, DPM-Solver++ 2M 2.01 and 3M 3.23 reach their orders;
+Heun 1.73, Midpoint 1.65, Bosh3 2.51 and RK4 3.42 are still pre-asymptotic at 16-128 uniform
+steps (the local slopes rise towards 2, 2, 3, 4: the ring's flow is stiff near t1 on a uniform
+grid in t), and so are the strong orders (0.83, 0.76 against 1) of the SDE solvers with 256 paths.
+Then the closed-form set of every solver (``ds.convergence.default_studies()``, the
 ``difsolve converge`` table) drawn as ``convergence_ode.png`` and ``convergence_sde.png`` (the
 figures of docs/convergence.md; ``--quick`` divides its step counts by 8).
 
