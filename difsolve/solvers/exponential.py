@@ -96,7 +96,7 @@ def _unwrap(dynamics):
 
 
 class DPMSolver(Solver):
-    """Multistep DPM-Solver++ of ``order`` 1-3 on the probability-flow ODE; 1 NFE per step.
+    """Multistep DPM-Solver++ of ``order`` 1-4 on the probability-flow ODE; 1 NFE per step.
 
     ``corrector=True`` adds the free UniC corrector: order ``order + 1``, an embedded error
     estimate (usable with a controller; error order ``order + 1``). The first steps use the orders
