@@ -29,6 +29,7 @@ def load_k_diffusion_sampling():
     root = spec.submodule_search_locations[0]
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = [root]
+    pkg.__spec__ = spec  # so that a later importlib.util.find_spec("k_diffusion") still works
     utils = types.ModuleType("k_diffusion.utils")
     utils.append_dims = _append_dims
     pkg.utils = utils

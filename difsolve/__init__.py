@@ -26,21 +26,26 @@ from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
 from .noise import BridgedNoise, FreshNoise, NoiseSource
 from .processes import EDM, VE, VP, DiscreteVP, Poisson, Process, RectifiedFlow, SubVP
+from .restart import Restart, restart_sample
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
+    DDIM,
     RK4,
     AnnealedLangevin,
     Bosh3,
     ButcherTableau,
     Dopri5,
     DPMSolver,
+    DPMSolverSDE,
     EDMStochasticHeun,
     Euler,
+    EulerAncestral,
     EulerMaruyama,
     Heun,
     Langevin,
     Midpoint,
+    SASolver,
     Solver,
     StochasticHeun,
     annealed_langevin,
@@ -49,6 +54,7 @@ from .solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDIM",
     "EDM",
     "RK4",
     "SCHEDULES",
@@ -63,6 +69,7 @@ __all__ = [
     "ClassifierFreeGuidance",
     "Controller",
     "DPMSolver",
+    "DPMSolverSDE",
     "Decision",
     "Denoiser",
     "DifsolveError",
@@ -71,6 +78,7 @@ __all__ = [
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
+    "EulerAncestral",
     "EulerMaruyama",
     "ExactTrace",
     "FreshNoise",
@@ -93,7 +101,9 @@ __all__ = [
     "Process",
     "Proposal",
     "RectifiedFlow",
+    "Restart",
     "ReverseSDE",
+    "SASolver",
     "ScoreField",
     "ScoreNetwork",
     "Solution",
@@ -109,6 +119,7 @@ __all__ = [
     "from_diffusers",
     "log_likelihood",
     "problems",
+    "restart_sample",
     "sample",
     "solve",
 ]

@@ -58,7 +58,9 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
         seeds: one int per row instead of ``generator``: row ``i``'s prior draw and noise come
             from its own generator, so its result does not depend on the batch it is in.
         cond: keyword arguments for the field (see :mod:`difsolve.conditioning`).
-        save_at, callback, progress, steps, schedule, controller, corrector, time_variable:
+        steps: a number of steps (with ``schedule``), or an explicit grid of times from the start
+            time to where sampling ends (``t_min``, or any later time: the grid's last entry).
+        save_at, callback, progress, schedule, controller, corrector, time_variable:
             as in :func:`~difsolve.solve`.
         device, dtype: of the prior draw.
 
@@ -86,7 +88,10 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
         time_variable = _default_time_variable(solver, controller)
     t0 = process.t_max if t_start is None else _check_t_start(t_start, process, x_T)
     x_start, stream = _start(process, shape, x_T, generator, seeds, device, dtype)
-    sol = solve(dynamics, x_start, t0, process.t_min, solver=solver, steps=steps,
+    # an explicit grid may end before t_min (e.g. diffusers' "trailing" spacing): it ends there
+    t_end = float(steps[-1]) if isinstance(steps, torch.Tensor) and steps.ndim == 1 and \
+        steps.numel() >= 2 else process.t_min
+    sol = solve(dynamics, x_start, t0, t_end, solver=solver, steps=steps,
                 schedule=schedule, controller=controller, corrector=corrector,
                 generator=stream, progress=progress, time_variable=time_variable,
                 save_at=save_at, callback=callback, cond=cond)

@@ -5,21 +5,26 @@ from .exponential import DPMSolver
 from .langevin import AnnealedLangevin, Langevin, annealed_langevin
 from .runge_kutta import RK4, Bosh3, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint
 from .sde import EDMStochasticHeun, EulerMaruyama, StochasticHeun
+from .stochastic import DDIM, DPMSolverSDE, EulerAncestral, SASolver
 
 __all__ = [
+    "DDIM",
     "RK4",
     "AnnealedLangevin",
     "Bosh3",
     "ButcherTableau",
     "DPMSolver",
+    "DPMSolverSDE",
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
+    "EulerAncestral",
     "EulerMaruyama",
     "ExplicitRK",
     "Heun",
     "Langevin",
     "Midpoint",
+    "SASolver",
     "Solver",
     "Step",
     "StepContext",
