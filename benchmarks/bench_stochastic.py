@@ -18,6 +18,8 @@ epsilon at the scheduler's own noise level.
 
 Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 ``difsolve bench stochastic``).
+
+Expected time: full about 9 min (40000 samples, 27 samplers), --quick about 20 s (one CPU core).
 """
 
 from __future__ import annotations

@@ -25,14 +25,15 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 
 
 def test_every_docs_figure_names_the_command_that_makes_it():
-    """Each image in docs/ is referenced next to a command (a script in examples/ or benchmarks/,
-    or a difsolve command) on the same page."""
+    """Each image a page shows exists and the page names a command that writes it (a script in
+    examples/ or benchmarks/, or a difsolve command, with ``--out docs/img`` or the file name)."""
     for page in DOCS.rglob("*.md"):
         text = page.read_text()
         for image in re.findall(r"!\[[^\]]*\]\((img/[^)]+)\)", text):
             assert (DOCS / image).exists(), f"{page.name}: {image} is missing"
             name = Path(image).name
-            commands = re.findall(r"`((?:python (?:examples|benchmarks)/\S+|difsolve \w+)[^`]*)`",
+            # inline (`python examples/x.py --out docs/img`) or in a fenced block
+            commands = re.findall(r"((?:python (?:examples|benchmarks)/\S+|difsolve \w+)[^`\n]*)",
                                   text)
             assert any("--out docs/img" in c or name in c for c in commands), \
                 f"{page.name}: no command beside {image}"
