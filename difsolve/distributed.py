@@ -41,6 +41,7 @@ import torch.distributed as dist
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, check, check_int
 from .fields.gaussian_mixture import GaussianMixtureField
 from .likelihood import log_likelihood as _log_likelihood
+from .noise import check_seeds
 from .sample import sample as _sample
 from .solution import Solution
 
@@ -313,7 +314,7 @@ def _gather(comm: _Comm, spec, leaves: list | None, counts: list[int], everywher
 
 def _check_gather(gather) -> str | None:
     """``"all"``, ``"rank0"``, or a per-rank path pattern (returned as a str)."""
-    if gather in ("all", "rank0"):
+    if isinstance(gather, str) and gather in ("all", "rank0"):
         return None
     if isinstance(gather, (str, os.PathLike)):
         pattern = os.fspath(gather)
@@ -433,11 +434,7 @@ def load(pattern: str | os.PathLike) -> Any:
 def _per_item(seeds, n: int, seed: int) -> torch.Tensor:
     if seeds is None:
         return default_seeds(n, seed)
-    values = seeds if isinstance(seeds, torch.Tensor) else torch.as_tensor(list(seeds))
-    check(values.ndim == 1 and values.numel() == n and not values.is_floating_point()
-          and values.dtype != torch.bool, "seeds", f"a sequence or 1-D int tensor of n={n} seeds",
-          seeds)
-    return values.to(device="cpu", dtype=torch.int64)
+    return torch.tensor(check_seeds(seeds, n), dtype=torch.int64)
 
 
 def _rows(kwargs: dict, n: int, idx: torch.Tensor) -> dict:

@@ -28,8 +28,7 @@ from .control import make_grid
 from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
 from .integrate import solve
-from .noise import make_stream
-from .sample import _denoise_end
+from .sample import _denoise_end, start_state
 from .solution import Solution
 from .solvers.base import Solver
 from .solvers.runge_kutta import Heun
@@ -89,6 +88,13 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
             "argument `solver`: Restart sampling steps the probability-flow ODE; pass an ODE "
             "solver such as Heun() or DPMSolver(2)")
     check_int(steps, "steps")
+    if not isinstance(denoise, bool):
+        raise ArgumentTypeError(f"argument `denoise` must be a bool, got {denoise!r}")
+    if isinstance(restarts, Restart):
+        restarts = (restarts,)
+    if not hasattr(restarts, "__iter__"):
+        raise ArgumentTypeError(
+            f"argument `restarts` must be a sequence of Restart objects, got {restarts!r}")
     restarts = tuple(restarts)
     for r in restarts:
         if not isinstance(r, Restart):
@@ -96,13 +102,7 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
     process = field.process
     ode = ProbabilityFlowODE(field)
     solver.check_dynamics(ode)
-    if x_T is None:
-        shape = tuple(int(s) for s in shape)
-        stream = make_stream(generator, seeds, shape[0], device or "cpu")
-        x = stream.prior(process, shape, device, dtype)
-    else:
-        x = x_T
-        stream = make_stream(generator, seeds, x.shape[0], x.device)
+    x, stream = start_state(process, shape, x_T, generator, seeds, device, dtype)
     one = torch.ones(1, device=x.device, dtype=x.dtype)
     grid = make_grid(schedule, steps, one * process.t_max, one * process.t_min, process)[:, 0]
     sig = process.sigma(grid)

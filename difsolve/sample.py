@@ -46,10 +46,10 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
 
     An ODE solver integrates the :class:`~difsolve.ProbabilityFlowODE`, an SDE solver the
     :class:`~difsolve.ReverseSDE`. Defaults: ``Heun()``; without ``steps`` or ``controller``,
-    17 Karras steps for ODE solvers (with ``denoise`` and Heun: EDM's sampler, 35 NFE) and 1000 steps for SDE solvers (uniform in ``t``, or in
-    ``log sigma`` for processes with ``a = 1``). ``time_variable`` (see :func:`~difsolve.solve`)
-    defaults to ``"t"`` on fixed grids (the grid carries the diffusion-aware spacing, and Heun on
-    the Karras grid is then EDM's sampler) and to a diffusion-aware time under a controller:
+    17 Karras steps for ODE solvers (with ``denoise`` and Heun: EDM's sampler, 35 NFE) and 1000
+    steps for SDE solvers (uniform in ``t``, or in ``log sigma`` for processes with ``a = 1``).
+    ``time_variable`` (see :func:`~difsolve.solve`) defaults to ``"t"`` on fixed grids (the grid
+    carries the diffusion-aware spacing, and Heun on the Karras grid is then EDM's sampler) and to a diffusion-aware time under a controller:
     ``"snr"`` for Runge-Kutta solvers (data-prediction coordinates,
     :class:`~difsolve.dynamics.SNRTime`), ``"log_sigma"`` for DPMSolver and SDE solvers.
     ``denoise=True`` ends with one Tweedie step ``x0 = (x + b^2 s) / a`` (one more field
@@ -94,7 +94,7 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
     if time_variable is None:
         time_variable = _default_time_variable(solver, controller)
     t0 = process.t_max if t_start is None else _check_t_start(t_start, process, x_T)
-    x_start, stream = _start(process, shape, x_T, generator, seeds, device, dtype)
+    x_start, stream = start_state(process, shape, x_T, generator, seeds, device, dtype)
     # an explicit grid may end before t_min (e.g. diffusers' "trailing" spacing): it ends there
     t_end = float(steps[-1]) if isinstance(steps, torch.Tensor) and steps.ndim == 1 and \
         steps.numel() >= 2 else process.t_min
@@ -127,7 +127,7 @@ def _check_t_start(t_start, process, x_T) -> float:
     return t_start
 
 
-def _start(process, shape, x_T, generator, seeds, device, dtype):
+def start_state(process, shape, x_T, generator, seeds, device, dtype):
     """The starting state and the random stream the solve continues with."""
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:

@@ -83,7 +83,7 @@ class DiscreteVP(Process):
     @classmethod
     def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVP:
         """DDPM's linear betas ``linspace(beta_start, beta_end, n)`` (Ho et al. 2020)."""
-        check_int(n, "n", 2)
+        _check_table_size(n)
         lo, hi = check_positive(beta_start, "beta_start"), check_positive(beta_end, "beta_end")
         return cls.from_betas(torch.linspace(lo, hi, n, dtype=torch.float64))
 
@@ -91,7 +91,7 @@ class DiscreteVP(Process):
     def scaled_linear(cls, n: int = 1000, beta_start: float = 0.00085,
                       beta_end: float = 0.012) -> DiscreteVP:
         """Stable Diffusion's betas ``linspace(sqrt(beta_start), sqrt(beta_end), n)^2``."""
-        check_int(n, "n", 2)
+        _check_table_size(n)
         lo, hi = check_positive(beta_start, "beta_start"), check_positive(beta_end, "beta_end")
         return cls.from_betas(torch.linspace(math.sqrt(lo), math.sqrt(hi), n,
                                              dtype=torch.float64).square())
@@ -101,7 +101,7 @@ class DiscreteVP(Process):
         r"""Nichol & Dhariwal's cosine schedule: ``abar(u) = cos^2((u + s)/(1 + s) pi/2)``,
         ``beta_i = min(1 - abar((i+1)/n) / abar(i/n), max_beta)`` (diffusers' ``squaredcos_cap_v2``).
         """
-        check_int(n, "n", 2)
+        _check_table_size(n)
         s = check_positive(s, "s")
         max_beta = check_positive(max_beta, "max_beta")
         u = torch.arange(n + 1, dtype=torch.float64) / n
@@ -177,3 +177,13 @@ class DiscreteVP(Process):
     def __repr__(self) -> str:
         return (f"DiscreteVP(n={self.n}, sigma_min={self.sigma_min:.4g}, "
                 f"sigma_max={self.sigma_max:.4g})")
+
+
+#: the largest timestep table the constructors build (diffusers' tables have 1000 entries)
+MAX_TABLE = 10**7
+
+
+def _check_table_size(n) -> int:
+    n = check_int(n, "n", 2)
+    check(n <= MAX_TABLE, "n", f"at most {MAX_TABLE} timesteps", n)
+    return n

@@ -61,10 +61,18 @@ CHUNK_ELEMENTS = 1 << 22
 
 # ----- the t-kernel ----------------------------------------------------------------------------
 def _check_D(D) -> float:
-    """Validate the number of augmented dimensions: a positive int or ``math.inf``."""
-    if isinstance(D, float) and math.isinf(D) and D > 0:
-        return math.inf
-    if isinstance(D, bool) or not isinstance(D, numbers.Integral):
+    """Validate the number of augmented dimensions: a positive integer (an int, or an
+    integer-valued float such as ``1e6``) or ``math.inf``."""
+    if isinstance(D, bool):
+        raise ArgumentTypeError(f"argument `D` must be a positive int or math.inf, got {D!r}")
+    if isinstance(D, numbers.Real) and not isinstance(D, numbers.Integral):
+        D = float(D)
+        if math.isinf(D) and D > 0:
+            return math.inf
+        check(math.isfinite(D) and D.is_integer() and D >= 1, "D",
+              "a positive integer or math.inf", D)
+        return int(D)
+    if not isinstance(D, numbers.Integral):
         raise ArgumentTypeError(f"argument `D` must be a positive int or math.inf, got {D!r}")
     return check_int(int(D), "D", minimum=1)
 

@@ -14,7 +14,12 @@ import math
 
 import torch
 
-from .._errors import IncompatibleError, check, check_positive
+from .._errors import (
+    IncompatibleError,
+    check,
+    check_positive,
+    check_real,
+)
 from .._tensor import bcast
 from .base import Solver, Step, StepContext, diffusion_term
 
@@ -91,8 +96,9 @@ class EDMStochasticHeun(Solver):
                  s_noise: float = 1.0):
         self.churn = check_positive(churn, "churn", allow_zero=True)
         self.s_tmin = check_positive(s_tmin, "s_tmin", allow_zero=True)
+        s_tmax = check_real(s_tmax, "s_tmax", finite=False)
         check(s_tmax > self.s_tmin, "s_tmax", f"greater than s_tmin={s_tmin}", s_tmax)
-        self.s_tmax = float(s_tmax)
+        self.s_tmax = s_tmax
         self.s_noise = check_positive(s_noise, "s_noise", allow_zero=True)
 
     def check_dynamics(self, dynamics) -> None:

@@ -44,7 +44,14 @@ import math
 
 import torch
 
-from .._errors import IncompatibleError, check, check_positive
+from .._errors import (
+    ArgumentTypeError,
+    IncompatibleError,
+    check,
+    check_choice,
+    check_int,
+    check_positive,
+)
 from .._tensor import bcast
 from .base import Solver, Step
 
@@ -124,17 +131,12 @@ class _ExponentialMultistep(_DataPredictionSDE):
     """
 
     def __init__(self, predictor_order: int, corrector_order: int, eta: float, variant: str,
-                 eta_range: tuple[float, float] | None):
+                 eta_range: tuple[float, float] | None, range_name: str = "eta_range"):
         self.predictor_order = predictor_order
         self.corrector_order = corrector_order
         self.eta = eta
         self.variant = variant
-        if eta_range is not None:
-            lo, hi = (check_positive(float(v), "eta_range", allow_zero=True) for v in eta_range)
-            check(hi > lo, "eta_range", "(sigma_lo, sigma_hi) with sigma_hi > sigma_lo",
-                  eta_range)
-            eta_range = (lo, hi)
-        self.eta_range = eta_range
+        self.eta_range = None if eta_range is None else _check_range(eta_range, range_name)
         self._history = max(predictor_order, corrector_order - 1)
 
     # --- weights --------------------------------------------------------------------------
@@ -263,8 +265,8 @@ class DPMSolverSDE(_ExponentialMultistep):
 
     def __init__(self, order: int = 2, eta: float = 1.0, variant: str = "reference",
                  eta_range: tuple[float, float] | None = None):
-        check(order in (1, 2, 3), "order", "1, 2 or 3", order)
-        check(variant in ("reference", "exact"), "variant", "'reference' or 'exact'", variant)
+        check(check_int(order, "order") in (1, 2, 3), "order", "1, 2 or 3", order)
+        variant = check_choice(variant, ("reference", "exact"), "variant")
         super().__init__(order, 0, _check_eta(eta), variant, eta_range)
         # ODE order (eta = 0); the published 3M halves the curvature term: order 2
         self.order = 2 if (order == 3 and variant == "reference") else order
@@ -295,12 +297,15 @@ class SASolver(_ExponentialMultistep):
 
     def __init__(self, predictor_order: int = 3, corrector_order: int = 3, tau: float = 1.0,
                  tau_range: tuple[float, float] | None = None):
+        predictor_order = check_int(predictor_order, "predictor_order")
+        corrector_order = check_int(corrector_order, "corrector_order", minimum=0)
         check(predictor_order in (1, 2, 3, 4), "predictor_order", "1, 2, 3 or 4",
               predictor_order)
         check(corrector_order in (0, 2, 3, 4), "corrector_order", "0, 2, 3 or 4",
               corrector_order)
         self.tau = check_positive(tau, "tau", allow_zero=True)
-        super().__init__(predictor_order, corrector_order, self.tau**2, "exact", tau_range)
+        super().__init__(predictor_order, corrector_order, self.tau**2, "exact", tau_range,
+                         "tau_range")
         self.order = max(predictor_order, corrector_order)
 
 
@@ -344,3 +349,17 @@ class DDIM(_DataPredictionSDE):
 class EulerAncestral(DDIM):
     """Ancestral Euler ("Euler a", k-diffusion ``sample_euler_ancestral``) with ``eta``: the same
     method as :class:`DDIM` (see there); 1 field evaluation per step, strong and weak order 1."""
+
+
+def _check_range(value, name: str) -> tuple[float, float]:
+    """A noise window ``(sigma_lo, sigma_hi)`` with ``0 <= sigma_lo < sigma_hi``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or (
+            isinstance(value, torch.Tensor) and value.ndim == 0):
+        raise ArgumentTypeError(
+            f"argument `{name}` must be a pair (sigma_lo, sigma_hi), got {value!r}")
+    values = list(value)
+    check(len(values) == 2, name, "a pair (sigma_lo, sigma_hi)", value)
+    lo, hi = (check_positive(v, name, allow_zero=True) if not (
+        isinstance(v, float) and v == float("inf")) else v for v in values)
+    check(hi > lo, name, "(sigma_lo, sigma_hi) with sigma_hi > sigma_lo", value)
+    return float(lo), float(hi)
