@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from test_fuzz import FIELD_EDM, FIELD_VP, X, check_solution
 
 import difsolve as ds
-from test_fuzz import FIELD_EDM, FIELD_VP, X, check_solution
 
 
 def test_dpm_solver_zero_length_row_does_not_kill_the_batch():

@@ -2,10 +2,22 @@
 import pytest
 import torch
 from hypothesis import given
+from test_fuzz import (
+    ANYTHING,
+    FIELD_EDM,
+    FIELD_VP,
+    MAX_STEPS,
+    X,
+    _arguments,
+    _Model,
+    _use_field,
+    _use_process,
+    _use_solver,
+    check_result,
+    outcome,
+)
 
 import difsolve as ds
-from test_fuzz import (ANYTHING, ENTRY_POINTS, FIELD_EDM, FIELD_VP, MAX_STEPS, MIX, X, _Model,
-                       _arguments, _use_field, _use_process, _use_solver, check_result, outcome)
 
 OWNED = {
     ds.DPMSolver: ({}, _use_solver),
