@@ -49,11 +49,12 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
     17 Karras steps for ODE solvers (with ``denoise`` and Heun: EDM's sampler, 35 NFE) and 1000
     steps for SDE solvers (uniform in ``t``, or in ``log sigma`` for processes with ``a = 1``).
     ``time_variable`` (see :func:`~difsolve.solve`) defaults to ``"t"`` on fixed grids (the grid
-    carries the diffusion-aware spacing, and Heun on the Karras grid is then EDM's sampler) and to a diffusion-aware time under a controller:
-    ``"snr"`` for Runge-Kutta solvers (data-prediction coordinates,
-    :class:`~difsolve.dynamics.SNRTime`), ``"log_sigma"`` for DPMSolver and SDE solvers.
-    ``denoise=True`` ends with one Tweedie step ``x0 = (x + b^2 s) / a`` (one more field
-    evaluation, counted in ``stats.nfe``; a row whose denoised value is not finite is NONFINITE).
+    carries the diffusion-aware spacing, and Heun on the Karras grid is then EDM's sampler) and
+    to a diffusion-aware time under a controller: ``"snr"`` for Runge-Kutta solvers
+    (data-prediction coordinates, :class:`~difsolve.dynamics.SNRTime`), ``"log_sigma"`` for
+    DPMSolver and SDE solvers. ``denoise=True`` ends with one Tweedie step
+    ``x0 = (x + b^2 s) / a`` (one more field evaluation, counted in ``stats.nfe``; a row whose
+    denoised value is not finite is NONFINITE).
 
     Args:
         field: a :class:`~difsolve.ScoreField`.

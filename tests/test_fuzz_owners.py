@@ -50,10 +50,13 @@ def test_owned_constructor(fn, arg, value):
         use(obj)
 
 DIST = {
-    "dist_sample": (ds.distributed.sample, lambda: dict(field=FIELD_EDM, n=5, batch_size=2, steps=3, solver=ds.Euler())),
+    "dist_sample": (ds.distributed.sample, lambda: dict(field=FIELD_EDM, n=5, batch_size=2,
+                                                        steps=3, solver=ds.Euler())),
     "restart_sample": (ds.restart_sample, lambda: dict(field=FIELD_EDM, shape=(3, 2), steps=4,
                                                       generator=0)),
-    "dist_ll": (ds.distributed.log_likelihood, lambda: dict(field=FIELD_VP, data=X.clone(), batch_size=2, controller=ds.PIController(1e-2, 1e-2), max_steps=MAX_STEPS)),
+    "dist_ll": (ds.distributed.log_likelihood, lambda: dict(
+        field=FIELD_VP, data=X.clone(), batch_size=2, controller=ds.PIController(1e-2, 1e-2),
+        max_steps=MAX_STEPS)),
 }
 DCASES = [(e, a) for e, (fn, _) in DIST.items() for a in _arguments(fn)]
 
