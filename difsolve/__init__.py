@@ -19,6 +19,8 @@ from .processes import EDM, VE, VP, Poisson, Process, SubVP
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
+    DEIS,
+    IPNDM,
     RK4,
     AnnealedLangevin,
     Bosh3,
@@ -33,13 +35,16 @@ from .solvers import (
     Midpoint,
     Solver,
     StochasticHeun,
+    UniPC,
     annealed_langevin,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEIS",
     "EDM",
+    "IPNDM",
     "RK4",
     "SCHEDULES",
     "VE",
@@ -81,6 +86,7 @@ __all__ = [
     "Status",
     "StochasticHeun",
     "SubVP",
+    "UniPC",
     "annealed_langevin",
     "convergence",
     "log_likelihood",

@@ -1,12 +1,14 @@
 """Solvers: explicit Runge-Kutta tableaux, SDE schemes and exponential integrators."""
 
 from .base import Solver, Step, StepContext
-from .exponential import DPMSolver
+from .exponential import DEIS, IPNDM, DPMSolver, Multistep, UniPC
 from .langevin import AnnealedLangevin, Langevin, annealed_langevin
 from .runge_kutta import RK4, Bosh3, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint
 from .sde import EDMStochasticHeun, EulerMaruyama, StochasticHeun
 
 __all__ = [
+    "DEIS",
+    "IPNDM",
     "RK4",
     "AnnealedLangevin",
     "Bosh3",
@@ -20,9 +22,11 @@ __all__ = [
     "Heun",
     "Langevin",
     "Midpoint",
+    "Multistep",
     "Solver",
     "Step",
     "StepContext",
     "StochasticHeun",
+    "UniPC",
     "annealed_langevin",
 ]
