@@ -227,7 +227,7 @@ class Multistep(Solver):
         """Field evaluations of a fixed grid of ``steps`` steps (initial evaluation included)."""
         extra = 0
         if self.start == "singlestep" and self._start_order() >= 2:
-            extra = len(_STARTS[self._start_order()][0])
+            extra = len(_STARTS[self._start_order()][0]) - 1
         final = 1 if (self.corrector and self.final_corrector) else 0
         return steps + extra + final
 
