@@ -38,6 +38,7 @@ from .solvers import (
     UniPC,
     annealed_langevin,
 )
+from .tuning import TuningInfo, tune_schedule
 
 __version__ = "0.1.0"
 
@@ -86,10 +87,12 @@ __all__ = [
     "Status",
     "StochasticHeun",
     "SubVP",
+    "TuningInfo",
     "UniPC",
     "annealed_langevin",
     "convergence",
     "log_likelihood",
     "sample",
     "solve",
+    "tune_schedule",
 ]

@@ -54,6 +54,7 @@ References: Lu et al., *DPM-Solver* (2022) and *DPM-Solver++* (2022b); Zhao et a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -103,27 +104,31 @@ def noise_moments(h: torch.Tensor, k: int) -> torch.Tensor:
     return data_moments(-h, k) * sign
 
 
-def lagrange_weights(nodes: list[torch.Tensor], moments: torch.Tensor) -> torch.Tensor:
+def lagrange_weights(nodes: list, moments: torch.Tensor) -> torch.Tensor:
     """``w_j = int K L_j`` for the Lagrange basis ``L_j`` of ``nodes`` (``k`` tensors ``(B,)``, or
     numbers) from the kernel moments ``moments[:, m] = int K v^m`` (``m < k``): ``(B, k)``.
 
-    Closed form (the monomial coefficients of ``prod_{i != j} (v - v_i)``), no linear solve.
+    Closed form, no linear solve: the coefficients of ``prod_{i != j} (v - v_i)`` by synthetic
+    division of ``prod_i (v - v_i)`` by ``v - v_j``, divided by ``prod_{i != j} (v_j - v_i)``.
     """
     k = len(nodes)
     one = torch.ones_like(moments[:, 0])
-    nodes = [n * one if not isinstance(n, torch.Tensor) or n.ndim == 0 else n for n in nodes]
-    out = []
-    for j in range(k):
-        coef, denom = [one], one
-        for i in range(k):
-            if i == j:
-                continue
-            coef = ([-nodes[i] * coef[0]]
-                    + [coef[m - 1] - nodes[i] * coef[m] for m in range(1, len(coef))]
-                    + [coef[-1]])
-            denom = denom * (nodes[j] - nodes[i])
-        out.append(sum(c * moments[:, m] for m, c in enumerate(coef)) / denom)
-    return torch.stack(out, dim=1)
+    v = torch.stack([n * one for n in nodes], dim=1)  # (B, k)
+    full = one[:, None]  # coefficients of prod_i (v - v_i), low to high
+    zero = torch.zeros_like(full)
+    for i in range(k):
+        full = torch.cat([zero, full], 1) - v[:, i:i + 1] * torch.cat([full, zero], 1)
+    q = [full[:, k:k + 1].expand(-1, k)]  # quotient coefficients, high to low, for every j
+    for m in range(k - 1, 0, -1):
+        q.append(full[:, m:m + 1] + v * q[-1])
+    quotient = torch.stack(q[::-1], dim=2)  # (B, j, m)
+    diff = v[:, :, None] - v[:, None, :] + torch.eye(k, dtype=v.dtype, device=v.device)
+    return (quotient * moments[:, None, :k]).sum(2) / diff.prod(2)
+
+
+def _replace(moments: torch.Tensor, j: int, value: torch.Tensor) -> torch.Tensor:
+    """``moments`` with column ``j`` replaced (out of place, so autograd can see through it)."""
+    return torch.cat([moments[:, :j], value[:, None], moments[:, j + 1:]], dim=1)
 
 
 def _unwrap(dynamics):
@@ -146,6 +151,16 @@ def _weight_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+@dataclass
+class _Plan:
+    """Per-step weights ``(n, p)`` / ``(n, p + 1)`` and scale factors ``(n,)`` of a shared grid."""
+
+    predictor: torch.Tensor
+    corrector: torch.Tensor | None
+    scale_x: torch.Tensor
+    scale_f: torch.Tensor
 
 
 class Multistep(Solver):
@@ -192,16 +207,17 @@ class Multistep(Solver):
     def moments(self, h: torch.Tensor, k: int) -> torch.Tensor:
         return data_moments(h, k) if self.form == "data" else noise_moments(h, k)
 
-    def predictor_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int
-                          ) -> torch.Tensor:
-        """Weights ``(B, k)`` of ``F_0, F_1, ...`` for the order-``k`` predictor."""
-        m = self.predictor_moments(self.moments(h, k), h, k)
+    def predictor_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
+                          moments: torch.Tensor) -> torch.Tensor:
+        """Weights ``(B, k)`` of ``F_0, F_1, ...`` for the order-``k`` predictor (``moments``:
+        the exact kernel moments, at least ``k`` of them)."""
+        m = self.predictor_moments(moments[:, :k], h, k)
         return lagrange_weights([torch.zeros_like(h), *past[:k - 1]], m)
 
-    def corrector_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int
-                          ) -> torch.Tensor:
+    def corrector_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
+                          moments: torch.Tensor) -> torch.Tensor:
         """Weights ``(B, k + 1)`` of ``F_new, F_0, F_1, ...`` (UniC with ``k + 1`` nodes)."""
-        m = self.corrector_moments(self.moments(h, k + 1), h, k)
+        m = self.corrector_moments(moments[:, :k + 1], h, k)
         return lagrange_weights([h, torch.zeros_like(h), *past[:k - 1]], m)
 
     # ----- the shared machinery ---------------------------------------------------------------
@@ -283,19 +299,22 @@ class Multistep(Solver):
         if fixed and ctx.index == 0 and self.start == "singlestep" and self._start_order() >= 2:
             return self._singlestep_start(process, denoise, x, state, hh, lam_s, lam_t, a_s, b_s,
                                           scale_x, scale_f, t_next, last)
-        # past nodes (distinct dummies where the history is not there yet)
-        past = [torch.where(count > j, (lam.to(wd) - lam_s.to(wd)),
-                            torch.full_like(hh, -10.0 * (j + 1)))
-                for j, lam in enumerate(lam_hist)]
-        cap = p
-        if self.lower_order_final and fixed:
-            cap = max(1, min(p, ctx.n_steps - ctx.index))
-        order_now = torch.clamp(count + 1, max=cap).long()
-        rows = torch.arange(hh.shape[0], device=hh.device)
-        table = torch.stack([torch.nn.functional.pad(self.predictor_weights(hh, past, k),
-                                                     (0, p - k)) for k in range(1, cap + 1)])
+        plan = getattr(ctx, "plan", None)
         values = [f0, *f_hist]
-        w = table[order_now - 1, rows].to(torch.float32 if wd == torch.float32 else wd)
+        if plan is not None:  # weights of a grid shared by the batch, computed up front
+            i = ctx.index
+            w = plan.predictor[i].expand(x.shape[0], -1)
+            wc = None if plan.corrector is None else plan.corrector[i].expand(x.shape[0], -1)
+            scale_x, scale_f = plan.scale_x[i], plan.scale_f[i]
+        else:
+            # past nodes (distinct dummies where the history is not there yet)
+            past = [torch.where(count > j, lam.to(wd) - lam_s.to(wd),
+                                torch.full_like(hh, -10.0 * (j + 1)))
+                    for j, lam in enumerate(lam_hist)]
+            cap = p
+            if self.lower_order_final and fixed:
+                cap = max(1, min(p, ctx.n_steps - ctx.index))
+            w, wc = self._weights(hh, past, torch.clamp(count + 1, max=cap).long(), cap)
         x_pred = self._combine(x, scale_x, scale_f, w, values)
         correct = self.corrector and not (last and not self.final_corrector)
         if last and not correct:  # nothing needs the evaluation at the final point
@@ -305,13 +324,51 @@ class Multistep(Solver):
             nfe = 1
         x_new, error = x_pred, None
         if correct:
-            ctab = torch.stack([torch.nn.functional.pad(self.corrector_weights(hh, past, k),
-                                                        (0, p - k)) for k in range(1, cap + 1)])
-            x_new = self._combine(x, scale_x, scale_f, ctab[order_now - 1, rows],
-                                  [f_new, *values])
+            x_new = self._combine(x, scale_x, scale_f, wc, [f_new, *values])
             error = x_new - x_pred
         new_state = self._push(state, f_new, lam_t, [f0], [lam_s], count + 1)
         return Step(x_new, error, self._keep_where_still(state, new_state, hh), nfe)
+
+    def _weights(self, hh, past, order_now, cap):
+        """Predictor ``(B, p)`` and corrector ``(B, p + 1)`` (or None) weights of each row's
+        order ``order_now`` (at most ``cap``), zero-padded."""
+        p = self.predictor_order
+        rows = torch.arange(hh.shape[0], device=hh.device)
+        moments = self.moments(hh, cap + 1 if self.corrector else cap)
+        pred = torch.stack([torch.nn.functional.pad(
+            self.predictor_weights(hh, past, k, moments), (0, p - k))
+            for k in range(1, cap + 1)])[order_now - 1, rows]
+        corr = None
+        if self.corrector:
+            corr = torch.stack([torch.nn.functional.pad(
+                self.corrector_weights(hh, past, k, moments), (0, p - k))
+                for k in range(1, cap + 1)])[order_now - 1, rows]
+        return pred, corr
+
+    def prepare(self, dynamics, grid: torch.Tensor) -> _Plan | None:
+        """Weights of every step of a grid shared by the whole batch (``grid``: ``(n + 1,)`` in
+        the integration variable), to pass as ``StepContext.plan``: the steps then only combine
+        stored values. None where the per-row path is needed (a repeated time, or the single-step
+        start). One host check, here, not in the steps."""
+        if self.start == "singlestep" and self._start_order() >= 2:
+            return None
+        process, _, to_t = _unwrap(dynamics)
+        wd = _weight_dtype(grid)
+        a, b, lam = self._marginal(process, to_t(grid))
+        lam_w = lam.to(wd)
+        hh = lam_w[1:] - lam_w[:-1]
+        if not bool((hh != 0).all()):
+            return None
+        n, p = hh.shape[0], self.predictor_order
+        idx = torch.arange(n, device=grid.device)
+        past = [torch.where(idx > j, lam_w[(idx - 1 - j).clamp(min=0)] - lam_w[:-1],
+                            torch.full_like(hh, -10.0 * (j + 1))) for j in range(p - 1)]
+        order_now = torch.clamp(idx + 1, max=p)
+        if self.lower_order_final:
+            order_now = torch.minimum(order_now, (n - idx).clamp(min=1))
+        pred, corr = self._weights(hh, past, order_now, p)
+        scale_x, scale_f = self._coefs(a[:-1], b[:-1], a[1:], b[1:])
+        return _Plan(pred, corr, scale_x, scale_f)
 
     def _push(self, state, f_new, lam_new, fs, lams, count):
         """State with ``f_new`` current and ``fs`` (newest first) prepended to the history."""
@@ -389,12 +446,9 @@ class DPMSolver(Multistep):
     def predictor_moments(self, moments, h, k):
         if self.variant != "midpoint" or k < 2:
             return moments
-        moments = moments.clone()
         if k == 2:
-            moments[:, 1] = h * moments[:, 0] / 2
-        else:  # k == 3: the reference's third-order update
-            moments[:, 2] = moments[:, 2] / 2
-        return moments
+            return _replace(moments, 1, h * moments[:, 0] / 2)
+        return _replace(moments, 2, moments[:, 2] / 2)  # k == 3: the reference's 3M
 
 
 class UniPC(Multistep):
@@ -412,10 +466,8 @@ class UniPC(Multistep):
         self.bh = bh
 
     def _b_rule(self, moments, h):
-        moments = moments.clone()
         b = h if self.bh == "bh1" else moments[:, 0]
-        moments[:, 1] = h * b / 2
-        return moments
+        return _replace(moments, 1, h * b / 2)
 
     def predictor_moments(self, moments, h, k):
         return self._b_rule(moments, h) if k == 2 else moments
@@ -447,7 +499,7 @@ class IPNDM(Multistep):
     def __init__(self, order: int = 4, *, lower_order_final: bool = False):
         super().__init__(order, False, "multistep", lower_order_final, (1, 2, 3, 4))
 
-    def predictor_weights(self, h, past, k):
+    def predictor_weights(self, h, past, k, moments):
         unit = torch.tensor([1.0 / (m + 1) for m in range(k)], dtype=h.dtype, device=h.device)
-        moments = noise_moments(h, 1) * unit  # (e^h - 1) int_0^1 u^m du
-        return lagrange_weights([-float(j) for j in range(k)], moments)
+        scaled = moments[:, :1] * unit  # (e^h - 1) int_0^1 u^m du
+        return lagrange_weights([-float(j) for j in range(k)], scaled)
