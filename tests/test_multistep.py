@@ -307,3 +307,26 @@ def test_unipc_under_a_controller(edm_problem):
 def test_bad_arguments(make, match):
     with pytest.raises(ds.DifsolveError, match=match):
         make()
+
+
+@pytest.mark.parametrize("solver", [ds.DPMSolver(2), ds.DPMSolver(3, "midpoint"),
+                                    ds.DPMSolver(2, corrector=True), ds.UniPC(3, "bh1"),
+                                    ds.UniPC(2, lower_order_final=True), ds.DEIS(3), ds.IPNDM(4)])
+def test_shared_grid_plan_matches_the_per_row_path(edm_problem, solver):
+    """``prepare(grid)`` computes every step's weights at once (the fast path for a grid shared
+    by the batch); the steps then give the per-row path's result to round-off."""
+    proc, ode, x = edm_problem
+    grid = _karras(proc, 11)
+    per_row = ds.solve(ode, x, 80.0, 0.002, solver=solver, steps=grid).x
+    ctx = ds.solvers.StepContext(n_steps=11)
+    ctx.plan = solver.prepare(ode, grid)
+    assert ctx.plan is not None
+    t = grid[:, None].expand(-1, 16)
+    state, _ = solver.init(ode, x, t[0], ctx)
+    y = x
+    for i in range(11):
+        ctx.index = i
+        st = solver.step(ode, y, t[i], t[i + 1] - t[i], state, None, ctx)
+        y, state = st.x, st.state
+    torch.testing.assert_close(y, per_row, rtol=1e-13, atol=1e-13)
+    assert solver.prepare(ode, torch.cat([grid[:3], grid[2:]])) is None  # repeated time
