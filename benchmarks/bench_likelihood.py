@@ -51,20 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import load_k_diffusion_sampling
 
 
-def rotated_mixture(d: int, k: int, seed: int) -> ds.GaussianMixture:
-    gen = torch.Generator().manual_seed(seed)
-    covs = []
-    for _ in range(k):
-        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r))
-        ev = torch.exp(math.log(0.05) + math.log(40.0) * torch.rand(d, generator=gen,
-                                                                   dtype=torch.float64))
-        covs.append(q @ torch.diag(ev) @ q.T)
-    w = torch.rand(k, generator=gen, dtype=torch.float64) + 0.3
-    means = 2.0 * torch.randn(k, d, generator=gen, dtype=torch.float64)
-    return ds.GaussianMixture(w / w.sum(), means, torch.stack(covs))
-
-
 # ----- score_sde's recipe (re-implemented): scipy RK45 on the CPU, numpy round trips -------------
 def score_sde_recipe(field, x: torch.Tensor, *, rtol=1e-5, atol=1e-5, probe=None, seed=0):
     """score_sde ``likelihood.get_likelihood_fn``: one flattened ODE, one Rademacher probe
@@ -119,7 +105,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
 
     process = ds.EDM()
-    mix = rotated_mixture(args.dim, args.components, args.seed)
+    mix = ds.problems.rotated_mixture(args.dim, args.components, args.seed)
     field = mix.score_field(process)
     gen = torch.Generator().manual_seed(args.seed + 1)
     x64 = mix.sample(args.batch, gen, dtype=torch.float64)

@@ -6,16 +6,26 @@ step; :func:`solve` drives any solver with a step schedule or controller. :func:
 recipe on top. See ``docs/`` for the mathematics and for how to choose a solver.
 """
 
-from . import convergence
+from . import convergence, distributed, problems
 from ._errors import ArgumentTypeError, DifsolveError, IncompatibleError, InvalidArgumentError
 from .brownian import BrownianPath
-from .control import SCHEDULES, PIController
+from .control import SCHEDULES, Controller, Decision, PIController, Proposal
 from .dynamics import LogSigmaTime, ProbabilityFlowODE, ReverseSDE
-from .fields import Denoiser, GaussianMixture, GaussianMixtureField, ScoreField, ScoreNetwork
+from .fields import (
+    ClassifierFreeGuidance,
+    Denoiser,
+    GaussianMixture,
+    GaussianMixtureField,
+    ScoreField,
+    ScoreNetwork,
+)
+from .fields.diffusers import diffusers_timesteps, from_diffusers
+from .fields.network import DiscreteDenoiser
 from .fields.poisson import PoissonField
-from .integrate import solve
+from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
-from .processes import EDM, VE, VP, Poisson, Process, SubVP
+from .noise import BridgedNoise, FreshNoise, NoiseSource
+from .processes import EDM, VE, VP, DiscreteVP, Poisson, Process, RectifiedFlow, SubVP
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
@@ -53,16 +63,23 @@ __all__ = [
     "AnnealedLangevin",
     "ArgumentTypeError",
     "Bosh3",
+    "BridgedNoise",
     "BrownianPath",
     "ButcherTableau",
+    "ClassifierFreeGuidance",
+    "Controller",
     "DPMSolver",
+    "Decision",
     "Denoiser",
     "DifsolveError",
+    "DiscreteDenoiser",
+    "DiscreteVP",
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
     "EulerMaruyama",
     "ExactTrace",
+    "FreshNoise",
     "GaussianMixture",
     "GaussianMixtureField",
     "Heun",
@@ -72,12 +89,16 @@ __all__ = [
     "Langevin",
     "LogLikelihood",
     "LogSigmaTime",
+    "LoopState",
     "Midpoint",
+    "NoiseSource",
     "PIController",
     "Poisson",
     "PoissonField",
     "ProbabilityFlowODE",
     "Process",
+    "Proposal",
+    "RectifiedFlow",
     "ReverseSDE",
     "ScoreField",
     "ScoreNetwork",
@@ -91,7 +112,11 @@ __all__ = [
     "UniPC",
     "annealed_langevin",
     "convergence",
+    "diffusers_timesteps",
+    "distributed",
+    "from_diffusers",
     "log_likelihood",
+    "problems",
     "sample",
     "solve",
     "tune_schedule",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -37,12 +38,7 @@ def check(condition: bool, name: str, expected: str, got: Any = None) -> None:
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
     """Validate a finite positive real number and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = float(value)
-        else:
-            raise ArgumentTypeError(f"argument `{name}` must be a real number, got {_short(value)}")
-    value = float(value)
+    value = check_real(value, name, finite=False)
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     check(ok, name, "a finite non-negative number" if allow_zero else "a finite positive number",
           value)
@@ -50,9 +46,10 @@ def check_positive(value: float, name: str, *, allow_zero: bool = False) -> floa
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
-    """Validate an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Validate an integer ``>= minimum`` (Python or numpy)."""
+    if isinstance(value, bool) or not (isinstance(value, int) or _is_numpy_int(value)):
         raise ArgumentTypeError(f"argument `{name}` must be an int, got {_short(value)}")
+    value = int(value)
     check(value >= minimum, name, f"an int >= {minimum}", value)
     return value
 
@@ -73,3 +70,40 @@ def _short(value: Any) -> str:
         return f"tensor of shape {tuple(value.shape)}"
     text = repr(value)
     return text if len(text) < 80 else text[:77] + "..."
+
+
+def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
+    """A state shape ``(B, ...)``: a sequence of non-negative ints (``B = 0`` is an empty batch;
+    the other sizes must be positive)."""
+    if isinstance(shape, (int, torch.Tensor)) or not hasattr(shape, "__iter__"):
+        raise ArgumentTypeError(
+            f"argument `{name}` must be a tuple of ints (B, ...), got {_short(shape)}")
+    values = tuple(shape)
+    if not all(isinstance(s, int) or _is_numpy_int(s) for s in values) or any(
+            isinstance(s, bool) for s in values):
+        raise ArgumentTypeError(
+            f"argument `{name}` must be a tuple of ints (B, ...), got {_short(shape)}")
+    values = tuple(int(s) for s in values)
+    check(len(values) >= 1 and values[0] >= 0 and all(s >= 1 for s in values[1:]), name,
+          "a shape (B, ...) with B >= 0 and positive other sizes", values)
+    return values
+
+
+def check_real(value: Any, name: str, *, finite: bool = True) -> float:
+    """A real number (Python, numpy or 1-element tensor) as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = float(value)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or _is_numpy_real(value)):
+        raise ArgumentTypeError(f"argument `{name}` must be a real number, got {_short(value)}")
+    value = float(value)
+    if finite:
+        check(math.isfinite(value), name, "a finite real number", value)
+    return value
+
+
+def _is_numpy_int(value: Any) -> bool:
+    return isinstance(value, np.integer)
+
+
+def _is_numpy_real(value: Any) -> bool:
+    return isinstance(value, (np.integer, np.floating))

@@ -1,16 +1,7 @@
-r"""Brownian increments for SDE solvers.
-
-* :class:`FreshNoise` (the fast path): independent ``N(0, |h|)`` increments from a generator.
-* :class:`BridgedNoise`: per-sample increments for *adaptive* stepping. A rejected step's
-  increment is never thrown away: it is kept as known future path and a retried, shorter step
-  samples its part of it through the Brownian bridge (``W_s | W_L ~ N(s/L W_L, s (L - s)/L)``), so
-  rejections do not bias the law of the path (the "rejection sampling with memory" idea of
-  Rackauckas & Nie, 2017). The known future is a small per-sample stack of ``(duration,
-  increment)`` pieces; with more than ``depth`` consecutive rejections the farthest piece is
-  forgotten (a fresh draw replaces it later).
-* :class:`BrownianPath`: one Brownian path queried at any resolution and in any order (a
-  counter-based Levy-Ciesielski construction, or torchsde's ``BrownianInterval`` with a halfway
-  tree on dyadic times); for convergence studies (same path at every step count).
+r""":class:`BrownianPath`: one Brownian path queried at any resolution and in any order (a
+counter-based Levy-Ciesielski construction, or torchsde's ``BrownianInterval`` with a halfway tree
+on dyadic times); for convergence studies (same path at every step count). It is a
+:class:`~difsolve.noise.NoiseSource`, like the fresh and bridged increments of :mod:`difsolve.noise`.
 """
 
 from __future__ import annotations
@@ -23,88 +14,8 @@ import numpy as np
 import torch
 
 from ._errors import ArgumentTypeError, check, check_int
-from ._tensor import bcast
 
-__all__ = ["BridgedNoise", "BrownianPath", "FreshNoise"]
-
-
-class FreshNoise:
-    """Independent Gaussian increments ``sqrt(|h|) z`` drawn from ``generator``."""
-
-    def __init__(self, generator: torch.Generator | None = None):
-        self.generator = generator
-
-    def increment(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        z = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        return bcast(h.abs().sqrt(), x) * z
-
-
-class BridgedNoise:
-    """Per-sample Brownian increments that survive rejected steps (see module docstring).
-
-    State (explicit, batch second for the stack): ``(durations (depth, B), increments (depth, B,
-    ...))``; slot 0 is the piece nearest in the future, empty slots have duration 0.
-    """
-
-    def __init__(self, generator: torch.Generator | None = None, depth: int = 8):
-        self.generator, self.depth = generator, check_int(depth, "depth", minimum=0)
-
-    def init(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty stack (``depth=0`` keeps no memory: rejected increments are thrown away, which
-        biases the path; only for demonstrating that bias)."""
-        lengths = torch.zeros(self.depth, x.shape[0], device=x.device, dtype=x.dtype)
-        return lengths, torch.zeros((self.depth, *x.shape), device=x.device, dtype=x.dtype)
-
-    def _randn(self, x):
-        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-
-    def propose(self, state, x: torch.Tensor, h: torch.Tensor):
-        """Increment over the next ``|h|`` and the stacks to keep on acceptance / rejection."""
-        lengths, incs = state
-        span = h.abs()
-        if self.depth == 0:
-            return bcast(span.sqrt(), x) * self._randn(x), state, state
-        z_bridge, z_fresh = self._randn(x), self._randn(x)
-        filled = torch.zeros_like(span)
-        dw = torch.zeros_like(x)
-        consumed = torch.zeros_like(span, dtype=torch.long)
-        rest_len, rest_inc = [], []
-        for k in range(self.depth):
-            length, inc = lengths[k], incs[k]
-            need = (span - filled).clamp(min=0)
-            whole = (length > 0) & (length <= need)
-            part = (length > need) & (need > 0)
-            safe = torch.where(part, length, torch.ones_like(length))
-            frac = torch.where(part, need / safe, torch.zeros_like(need))
-            std = torch.where(part, (need * (length - need) / safe).clamp(min=0).sqrt(),
-                              torch.zeros_like(need))
-            piece = bcast(frac, x) * inc + bcast(std, x) * z_bridge
-            taken = torch.where(bcast(whole, x), inc, torch.where(bcast(part, x), piece, 0.0))
-            dw = dw + taken
-            filled = filled + torch.where(whole, length, torch.where(part, need, 0.0))
-            consumed = consumed + whole.long()
-            rest_len.append(torch.where(whole, 0.0, torch.where(part, length - need, length)))
-            rest_inc.append(inc - taken)
-        dw = dw + bcast((span - filled).clamp(min=0).sqrt(), x) * z_fresh
-        rest_len, rest_inc = torch.stack(rest_len), torch.stack(rest_inc)
-        # drop the wholly consumed prefix: slot k <- slot k + consumed
-        slots = torch.arange(self.depth, device=x.device)[:, None] + consumed[None]
-        valid = slots < self.depth
-        slots = slots.clamp(max=self.depth - 1)
-        kept_len = torch.where(valid, rest_len.gather(0, slots), 0.0)
-        trail = [1] * (x.ndim - 1)
-        idx = slots.reshape(*slots.shape, *trail).expand_as(rest_inc)
-        kept_inc = torch.where(valid.reshape(*valid.shape, *trail), rest_inc.gather(0, idx), 0.0)
-        on_accept = (kept_len, kept_inc)
-        on_reject = (torch.cat([span[None], kept_len[:-1]]), torch.cat([dw[None], kept_inc[:-1]]))
-        return dw, on_accept, on_reject
-
-    @staticmethod
-    def commit(accept: torch.Tensor, on_accept, on_reject):
-        """The stack after a per-sample accept/reject decision."""
-        lengths = torch.where(accept[None], on_accept[0], on_reject[0])
-        mask = accept.reshape(1, -1, *([1] * (on_accept[1].ndim - 2)))
-        return lengths, torch.where(mask, on_accept[1], on_reject[1])
+__all__ = ["BrownianPath"]
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -344,6 +255,16 @@ class BrownianPath:
         """``W(tb) - W(ta)`` for every row (either order; times are clipped to the interval)."""
         ja, jb = self._index(_number(ta, "ta")), self._index(_number(tb, "tb"))
         return (self._sign * self._diff(ja, jb)).to(device=self.device, dtype=self.dtype)
+
+    # --- the NoiseSource protocol (stateless: the path is fixed) ---------------------------------
+    def init(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple:
+        return ()
+
+    def propose(self, state, x, t, h, rows=None):
+        return self.increment(x, t, h, rows=rows), None
+
+    def commit(self, state, proposal, accept) -> tuple:
+        return state
 
     def increment(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
                   rows: torch.Tensor | None = None) -> torch.Tensor:

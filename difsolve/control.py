@@ -21,15 +21,20 @@ Wanner I, II.4; Soderlind, *Digital filters in adaptive time-stepping*, 2003).
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, check_positive
 from ._tensor import bcast, rms
 from .processes import VP
+from .solution import Status
 
-__all__ = ["SCHEDULES", "PIController", "make_grid"]
+__all__ = ["SCHEDULES", "Controller", "Decision", "PIController", "Proposal", "make_grid"]
 
 SCHEDULES = ("uniform", "karras", "logsnr", "quadratic", "time_uniform", "polyexponential")
 KARRAS_RHO = 7.0
@@ -70,28 +75,93 @@ def make_grid(schedule: str, steps: int, t0: torch.Tensor, t1: torch.Tensor,
     return grid
 
 
-class PIController:
-    r"""Per-sample proportional-integral step-size controller.
+@runtime_checkable
+class Controller(Protocol):
+    """Per-sample step-size control, as a strategy the adaptive loop of :func:`~difsolve.solve`
+    calls (in the spirit of diffrax's ``AbstractStepSizeController``).
 
-    The error ratio of each sample is ``r = RMS(err / (atol + rtol max(|y0|, |y1|)))`` over its
-    non-batch dimensions; a step is accepted where ``r <= 1``. The next step is
+    Every tensor is per row (``(B,)``, batch first) and the state is a tuple of batch-first
+    tensors, which the loop selects with its working set. No method may synchronise with the host.
+
+    * ``init(dynamics, solver, x, t, span, direction, solver_state) -> (h, state, nfe)``: the
+      signed first step, the controller's state and the field evaluations that cost.
+    * ``adapt(state, proposal) -> Decision``: accept or reject each row's attempted step and
+      propose the next signed step; report faults (step-size underflow, repeated non-finite
+      proposals) as :class:`~difsolve.Status` codes.
+    * ``max_steps``: most attempted steps per sample (None: the ``solve`` argument).
+    * ``error_order_of(solver)`` is not required: the loop passes ``solver.error_order`` in the
+      proposal.
+    """
+
+    max_steps: int | None
+
+    def init(self, dynamics, solver, x: torch.Tensor, t: torch.Tensor, span: torch.Tensor,
+             direction: torch.Tensor, solver_state: tuple) -> tuple[torch.Tensor, tuple, int]: ...
+
+    def adapt(self, state: tuple, proposal: Proposal) -> Decision: ...
+
+
+@dataclass
+class Proposal:
+    """What the loop tells a controller about one attempted step (rows of the working set).
+
+    ``h_tried`` is the signed step attempted (the controller's proposal ``h_proposed`` shortened
+    to land on a save point or the end); ``left`` the distance still to go after an accepted step.
+    """
+
+    x: torch.Tensor
+    x_new: torch.Tensor
+    error: torch.Tensor | None
+    h_proposed: torch.Tensor
+    h_tried: torch.Tensor
+    t_new: torch.Tensor
+    left: torch.Tensor
+    finite: torch.Tensor
+    error_order: float
+
+
+@dataclass
+class Decision:
+    """A controller's verdict: per-row ``accept``, next signed step ``h``, new ``state`` and
+    ``fault`` (a :class:`~difsolve.Status` code, or -1 where the row may go on)."""
+
+    accept: torch.Tensor
+    h: torch.Tensor
+    state: tuple
+    fault: torch.Tensor
+
+
+#: consecutive non-finite proposals after which a sample stops with NONFINITE
+NONFINITE_RETRIES = 5
+_NO_FAULT = -1
+
+
+class PIController:
+    r"""Per-sample proportional-integral step-size controller (a :class:`Controller`).
+
+    The error ratio of each sample is ``r = norm(err / (atol + rtol max(|y0|, |y1|)))``, by
+    default the RMS over its non-batch dimensions (``norm=`` takes any function of the scaled
+    error ``(B, ...) -> (B,)``); a step is accepted where ``r <= 1``. The next step is
     ``h * clip(safety r^(-(pcoeff + icoeff)/k) r_prev^(pcoeff/k), factor_min, factor_max)``
     (at most 1 after a rejection), with ``k`` the solver's error order (ODE: order; SDE: strong
-    order + 0.5). ``pcoeff=0, icoeff=1`` is the classical I controller.
+    order + 0.5). ``pcoeff=0, icoeff=1`` is the classical I controller. After an accepted step
+    that was shortened to land on a save point, the step before the shortening is resumed.
 
     The first step is ``dt0`` if given, else the solver's own choice where it has one
     (``Solver.first_step``: DPMSolver in log-sigma time), else Hairer's automatic choice for ODEs
     (2 extra drift evaluations) and 1% of the interval for SDEs (the choice of
     Jolicoeur-Martineau et al.).
-    ``dt_min``: a sample whose step would fall below it stops with status ``DT_UNDERFLOW``;
-    ``dt_max`` caps ``|h|``; ``max_steps`` (accepted + rejected per sample) overrides ``solve``'s.
+    Faults: a sample whose step falls below ``dt_min`` (or below 8 machine epsilons of its time)
+    before reaching the end stops with ``DT_UNDERFLOW``; after ``NONFINITE_RETRIES`` consecutive
+    non-finite proposals with ``NONFINITE``. ``dt_max`` caps ``|h|``; ``max_steps`` (accepted +
+    rejected per sample) overrides ``solve``'s.
     """
 
     def __init__(self, rtol: float = 1e-3, atol: float = 1e-6, pcoeff: float = 0.0,
                  icoeff: float = 1.0, safety: float = 0.9, factor_min: float = 0.2,
                  factor_max: float = 10.0, dt_min: float | None = None,
                  dt_max: float | None = None, max_steps: int | None = None,
-                 dt0: float | None = None):
+                 dt0: float | None = None, norm: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.rtol = check_positive(rtol, "rtol", allow_zero=True)
         self.atol = check_positive(atol, "atol", allow_zero=True)
         check(self.rtol > 0 or self.atol > 0, "atol", "positive when rtol is 0", atol)
@@ -109,23 +179,60 @@ class PIController:
             check(self.dt_max >= self.dt_min, "dt_max", f">= dt_min={dt_min}", dt_max)
         self.max_steps = None if max_steps is None else check_int(max_steps, "max_steps")
         self.dt0 = None if dt0 is None else check_positive(dt0, "dt0")
+        if norm is not None and not callable(norm):
+            raise ArgumentTypeError(f"argument `norm` must be callable, got {norm!r}")
+        self.norm = norm if norm is not None else rms
 
+    def with_norm(self, norm: Callable[[torch.Tensor], torch.Tensor]) -> PIController:
+        """A copy of this controller with another error norm."""
+        other = copy.copy(self)
+        other.norm = norm
+        return other
+
+    # ----- the Controller protocol -------------------------------------------------------------
+    def init(self, dynamics, solver, x, t, span, direction, solver_state):
+        h, nfe = self.initial_step(dynamics, solver, x, t, direction, span,
+                                   solver.initial_drift(solver_state))
+        prev_ratio = torch.ones_like(span)
+        streak = torch.zeros(span.shape, dtype=torch.long, device=span.device)
+        return h, (prev_ratio, streak), nfe
+
+    def adapt(self, state, proposal: Proposal) -> Decision:
+        prev_ratio, streak = state
+        p = proposal
+        ratio = self.error_ratio(p.error, p.x, p.x_new)
+        ratio = torch.where(p.finite, ratio, math.inf)
+        accept = ratio <= 1.0
+        fac = self.factor(ratio, prev_ratio, accept, p.error_order)
+        h_prop, h_tried = p.h_proposed.abs(), p.h_tried.abs()
+        cut = accept & (h_prop > h_tried)  # resume the size before a shortened landing step
+        h_next = self.clip(p.h_tried.sign() * torch.where(cut, h_prop, h_tried * fac))
+        streak = torch.where(p.finite, 0, streak + 1)
+        tiny = 8 * torch.finfo(p.t_new.dtype).eps
+        too_small = (h_next.abs() < tiny * p.t_new.abs().clamp(min=1.0)) & (h_next.abs() < p.left)
+        if self.dt_min is not None:
+            too_small = too_small | ((h_next.abs() < self.dt_min) & (h_next.abs() < p.left))
+        fault = torch.where(too_small & p.finite, Status.DT_UNDERFLOW.value, _NO_FAULT)
+        fault = torch.where(streak >= NONFINITE_RETRIES, Status.NONFINITE.value, fault)
+        return Decision(accept=accept, h=h_next, state=(torch.where(accept, ratio, prev_ratio),
+                                                         streak), fault=fault)
+
+    # ----- pieces ------------------------------------------------------------------------------
     def error_ratio(self, error: torch.Tensor, y0: torch.Tensor,
                     y1: torch.Tensor) -> torch.Tensor:
-        """Per-sample scaled RMS error ``(B,)``; ``inf`` where the proposal is not finite."""
+        """Per-sample scaled error norm ``(B,)``; ``inf`` where the proposal is not finite."""
         scale = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
-        ratio = rms(error / scale)
+        ratio = self.norm(error / scale)
         return torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
-
     def factor(self, ratio: torch.Tensor, prev_ratio: torch.Tensor, accept: torch.Tensor,
                error_order: float) -> torch.Tensor:
         """Step multiplier from the current and previous error ratios."""
         k = error_order
         tiny = torch.finfo(ratio.dtype).tiny
         r = ratio.clamp(min=tiny)
-        fac = self.safety * r.pow(-(self.pcoeff + self.icoeff) / k)
+        fac = self.safety * _power(r, -(self.pcoeff + self.icoeff) / k)
         if self.pcoeff != 0.0:
-            fac = fac * prev_ratio.clamp(min=tiny).pow(self.pcoeff / k)
+            fac = fac * _power(prev_ratio.clamp(min=tiny), self.pcoeff / k)
         fac = torch.nan_to_num(fac, nan=self.factor_min, posinf=self.factor_max)
         fac = fac.clamp(self.factor_min, self.factor_max)
         return torch.where(accept, fac, fac.clamp(max=1.0))
@@ -156,23 +263,31 @@ class PIController:
             f0 = dynamics.drift(x, t)
             nfe += 1
         scale = self.atol + self.rtol * x.abs()
-        d0, d1 = rms(x / scale), rms(f0 / scale)
+        d0, d1 = self.norm(x / scale), self.norm(f0 / scale)
         small = (d0 < 1e-5) | (d1 < 1e-5)
         h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-30))
         h0 = torch.minimum(h0, span)
         x1 = x + bcast(direction * h0, x) * f0
         f1 = dynamics.drift(x1, t + direction * h0)
         nfe += 1
-        d2 = rms((f1 - f0) / scale) / h0
+        d2 = self.norm((f1 - f0) / scale) / h0
         dmax = torch.maximum(d1, d2)
         h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
-                         (0.01 / dmax.clamp(min=1e-30)).pow(1.0 / (solver.order + 1)))
+                         _power(0.01 / dmax.clamp(min=1e-30), 1.0 / (solver.order + 1)))
         h = torch.minimum(torch.minimum(100 * h0, h1), span)
         return self.clip(direction * h), nfe
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None)
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                           if v is not None and not (k == "norm" and v is rms))
         return f"PIController({params})"
+
+
+def _power(r: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``r ** exponent`` for ``r > 0`` as ``exp(exponent log r)``: elementwise kernels whose result
+    does not depend on a row's position in the batch (the vectorised CPU ``pow`` with a fractional
+    exponent rounds differently from its scalar tail, which made a row's steps batch-dependent)."""
+    return torch.exp(exponent * torch.log(r))
 
 
 def _real(value, name: str) -> float:

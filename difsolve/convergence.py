@@ -39,6 +39,7 @@ import torch
 from ._errors import ArgumentTypeError, InvalidArgumentError, check, check_int, check_tensor
 from .brownian import BrownianPath
 from .integrate import solve
+from .problems import GeometricBrownianMotion, gaussian_problem
 from .solution import Status
 from .solvers.base import Solver
 
@@ -287,7 +288,7 @@ def ode_order(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver,
         exact: ``exact(x0, t0, t1) -> x(t1)``; None: the same solver at ``16 max(steps)`` steps.
         schedule: the step schedule of every run (e.g. ``"logsnr"`` for DPM-Solver).
         label: names the problem in tables and plots.
-        **solve_kwargs: passed on to :func:`difsolve.solve` (e.g. ``time_variable``).
+        **solve_kwargs: passed on to :func:`difsolve.solve` (e.g. ``time_variable``, ``cond``).
     """
     x0 = check_tensor(x0, "x0")
     _check_solver(solver, sde=False)
@@ -455,47 +456,13 @@ def weak_order(dynamics, x0: torch.Tensor, t0: float, t1: float, *, solver: Solv
 # ----- the command-line study ----------------------------------------------------------------
 
 
-class GeometricBrownianMotion:
-    """``dX = mu X dt + s X dW`` (diagonal noise): the textbook multiplicative-noise SDE with
-    ``X_t = X_0 exp((mu - s^2/2) t + s W_t)`` and ``E X_t = X_0 e^{mu t}``."""
-
-    noise = "diagonal"
-
-    def __init__(self, mu: float = 1.0, s: float = 0.8):
-        self.mu, self.s = float(mu), float(s)
-
-    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.mu * x
-
-    def diffusion(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.s * x
-
-    def exact(self, x0: torch.Tensor, path: BrownianPath, t0: float, t1: float) -> torch.Tensor:
-        w = path(t0, t1).to(device=x0.device, dtype=x0.dtype)
-        return x0 * torch.exp((self.mu - 0.5 * self.s**2) * (t1 - t0) + self.s * w)
-
-
-def gaussian_problem(process=None, *, dim: int = 2, seed: int = 0):
-    """A rotated anisotropic Gaussian ``N(mu, U diag(l) U^T)`` and its exact flow under
-    ``process`` (default VP): the closed-form problem of the command-line study."""
-    from .analytic import GaussianFlow
-    from .processes import VP
-
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(dim, generator=g, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    evals = torch.linspace(0.05, 1.5, dim, dtype=torch.float64)
-    cov = q @ torch.diag(evals) @ q.T
-    return GaussianFlow(mean, cov, process if process is not None else VP())
-
-
 def default_studies(paths: int = 64, weak_paths: int = 16000, ode_samples: int = 16,
                     seed: int = 0, shrink: int = 1) -> list[Study]:
     """Every solver on closed-form problems (the ``difsolve converge`` set).
 
     * ODE solvers: probability-flow ODE of a rotated anisotropic 2-D Gaussian under VP, ``t`` from
       1 to ``1e-3`` (uniform in ``t``; DPM-Solver on the ``"logsnr"`` grid), against the exact flow
-      (:class:`~difsolve.analytic.GaussianFlow`), step counts in the asymptotic range.
+      (:class:`~difsolve.problems.GaussianFlow`), step counts in the asymptotic range.
     * SDE solvers on the reverse SDE of the same data (additive noise), ``t`` from 1 to 0.05:
       strong error against 16x the finest steps along shared Brownian paths (``paths`` start
       points from the exact ``p_1``); weak error of the mean from one start point, antithetic

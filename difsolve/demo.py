@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from . import problems
 from .control import PIController
 from .fields.gaussian_mixture import GaussianMixture
 from .processes import EDM
@@ -36,18 +37,8 @@ __all__ = ["distribution_errors", "ring_mixture", "run_demo"]
 
 
 def ring_mixture(k: int = 8, radius: float = 2.0) -> GaussianMixture:
-    """``k`` anisotropic Gaussian modes on a circle, weights proportional to ``1, ..., k``."""
-    ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
-    means = radius * torch.stack([ang.cos(), ang.sin()], 1)
-    covs = []
-    for i in range(k):
-        c, s = math.cos(ang[i]), math.sin(ang[i])
-        rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-        # radial variance grows with the index, tangential variance fixed
-        covs.append(rot @ torch.diag(torch.tensor([0.01 + 0.004 * i, 0.02],
-                                                  dtype=torch.float64)) @ rot.T)
-    w = torch.arange(1, k + 1, dtype=torch.float64)
-    return GaussianMixture(w / w.sum(), means, torch.stack(covs))
+    """The demo's ring: :func:`difsolve.problems.ring_mixture` with ``anisotropic=True``."""
+    return problems.ring_mixture(k, radius, anisotropic=True)
 
 
 def distribution_errors(x: torch.Tensor, mixture: GaussianMixture,

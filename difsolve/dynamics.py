@@ -25,7 +25,8 @@ from ._errors import IncompatibleError
 from ._tensor import bcast
 from .fields.base import check_field, denoise, is_exact
 
-__all__ = ["LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "is_sde", "time_change"]
+__all__ = ["TIME_VARIABLES", "LogSigmaTime", "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "TimeChange",
+           "is_sde", "time_change"]
 
 
 def is_sde(dynamics) -> bool:
@@ -41,14 +42,14 @@ class ProbabilityFlowODE:
         self.field = field
         self.process = field.process
 
-    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         f = self.process.drift_coef(t)
         g2 = self.process.g2(t)
-        return bcast(f, x) * x - 0.5 * bcast(g2, x) * self.field(x, t)
+        return bcast(f, x) * x - 0.5 * bcast(g2, x) * self.field(x, t, **cond)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """Data prediction ``E[x0 | x_t]`` of the field (used by exponential integrators)."""
-        return denoise(self.field, x, t)
+        return denoise(self.field, x, t, **cond)
 
     def __repr__(self) -> str:
         return f"ProbabilityFlowODE({self.field!r})"
@@ -75,22 +76,45 @@ class ReverseSDE:
         self.field = field
         self.process = field.process
 
-    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         f = self.process.drift_coef(t)
         g2 = self.process.g2(t)
-        return bcast(f, x) * x - bcast(g2, x) * self.field(x, t)
+        return bcast(f, x) * x - bcast(g2, x) * self.field(x, t, **cond)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         return self.process.g2(t).sqrt()
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return denoise(self.field, x, t)
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return denoise(self.field, x, t, **cond)
 
     def __repr__(self) -> str:
         return f"ReverseSDE({self.field!r})"
 
 
-class LogSigmaTime:
+class TimeChange:
+    """Base of the time changes: dynamics integrated in a new time ``u`` (and possibly new state
+    coordinates). ``inner`` is the original dynamics, ``process`` its process; ``to_u``/``to_t``
+    map times, ``encode``/``decode`` map states (the identity unless a subclass says otherwise)."""
+
+    inner: object
+    process: object
+
+    def to_u(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_t(self, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """State in the new coordinates."""
+        return x
+
+    def decode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """State back in the original coordinates."""
+        return x
+
+
+class LogSigmaTime(TimeChange):
     """``dynamics`` re-parametrised in ``u = log sigma(t)`` of its ``process``.
 
     ``drift_u(x, u) = drift(x, t(u)) / (d log sigma / dt)``; for SDEs
@@ -112,13 +136,6 @@ class LogSigmaTime:
     def to_u(self, t: torch.Tensor) -> torch.Tensor:
         return torch.log(self.process.sigma(t))
 
-    def encode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """State in the new coordinates (unchanged here)."""
-        return x
-
-    def decode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x
-
     def to_t(self, u: torch.Tensor) -> torch.Tensor:
         return self.process.t_of_sigma(torch.exp(u))
 
@@ -134,7 +151,7 @@ class LogSigmaTime:
         return self.inner.diffusion(t) / self._dudt(t).abs().sqrt()
 
 
-class SNRTime:
+class SNRTime(TimeChange):
     """The probability-flow ODE of ``dynamics`` in data-prediction coordinates.
 
     Time ``w = a/b = 1/sigma`` (the square root of the signal-to-noise ratio), state ``z = x/b``:
@@ -171,6 +188,8 @@ class SNRTime:
 
 
 TIME_CHANGES = {"log_sigma": LogSigmaTime, "snr": SNRTime}
+#: every ``time_variable`` of :func:`~difsolve.solve` (``"t"``: no change)
+TIME_VARIABLES = ("t", *TIME_CHANGES)
 
 
 def time_change(dynamics, name: str):

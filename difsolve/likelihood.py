@@ -53,10 +53,12 @@ from dataclasses import dataclass
 import torch
 
 from ._errors import ArgumentTypeError, IncompatibleError, check, check_int, check_tensor
-from .control import PIController
+from ._tensor import rms
+from .control import Controller, PIController
 from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
 from .integrate import solve
+from .noise import as_stream, make_stream
 from .solution import Stats, Status
 from .solvers.base import Solver
 from .solvers.runge_kutta import Dopri5
@@ -89,10 +91,12 @@ class ExactTrace:
 
     def _divergence(self, v: torch.Tensor, x: torch.Tensor, probes) -> torch.Tensor:
         batch, d = x.shape[0], x[0].numel()
+        if d == 1:
+            return _vjp(v, x, torch.ones_like(x), batched=False).reshape(batch, 1)
         if self.batched:
             eye = torch.eye(d, device=x.device, dtype=x.dtype)
             grad_out = eye[:, None, :].expand(d, batch, d).reshape(d, *x.shape)
-            grads = _vjp(v, x, grad_out, batched=d > 1).reshape(d, batch, d)
+            grads = _vjp(v, x, grad_out, batched=True).reshape(d, batch, d)
             return torch.diagonal(grads, dim1=0, dim2=2).sum(-1, keepdim=True)
         total = torch.zeros(batch, 1, device=x.device, dtype=x.dtype)
         flat = torch.zeros(batch, d, device=x.device, dtype=x.dtype)
@@ -125,11 +129,14 @@ class Hutchinson:
         check(noise in NOISES, "noise", f"one of {NOISES}", noise)
         self.noise = noise
 
-    def draw(self, shape: tuple[int, ...], *, generator, device, dtype) -> torch.Tensor:
-        """Probes of shape ``shape`` with ``E[e e^T] = I``."""
+    def draw(self, shape: tuple[int, ...], *, generator=None, device=None, dtype=None
+             ) -> torch.Tensor:
+        """Probes of shape ``shape = (B, ...)`` with ``E[e e^T] = I`` from a generator or a random
+        stream (per-row seeds: row ``i``'s probes come from its own generator)."""
+        stream = as_stream(generator)
         if self.noise == "gaussian":
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        bits = torch.randint(0, 2, shape, generator=generator, device=device)
+            return stream.randn(torch.empty(shape, device=device, dtype=dtype))
+        bits = stream.rand_bits(shape, device)
         return (2 * bits - 1).to(dtype)
 
     def _divergence(self, v: torch.Tensor, x: torch.Tensor, probes) -> torch.Tensor:
@@ -147,8 +154,18 @@ class Hutchinson:
 
 
 def _vjp(v, x, grad_out, *, batched: bool, retain: bool = False) -> torch.Tensor:
-    (g,) = torch.autograd.grad(v, x, grad_outputs=grad_out, is_grads_batched=batched,
-                               retain_graph=retain, allow_unused=True)
+    """``grad_out^T dv/dx``; with ``batched``, one product per leading slice of ``grad_out``
+    (one vmapped backward pass, or a loop over the slices where the model does not support
+    vmap, e.g. one that queries its input's memory format)."""
+    if batched:
+        try:
+            (g,) = torch.autograd.grad(v, x, grad_outputs=grad_out, is_grads_batched=True,
+                                       retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            g = torch.stack([_vjp(v, x, e, batched=False, retain=True) for e in grad_out])
+        return torch.zeros_like(grad_out) if g is None else g
+    (g,) = torch.autograd.grad(v, x, grad_outputs=grad_out, retain_graph=retain,
+                               allow_unused=True)
     if g is None:  # the drift does not depend on x
         g = torch.zeros_like(grad_out)
     return g
@@ -200,11 +217,15 @@ class _AugmentedFlow:
         probes = z[:, d : d + k * d].reshape(b, k, d) if k else None
         return x, probes, z[:, z.shape[1] - self.m :]
 
-    def drift(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def drift(self, z: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         x, probes, _ = self.split(z)
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            v = self.ode.drift(x, t)
+        # exactly the gradients the trace needs, even under no_grad() or inference_mode()
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)
+            t = t.clone()
+            if probes is not None:
+                probes = probes.clone()
+            v = self.ode.drift(x, t, **cond)
             div = self.trace._divergence(v, x, probes)
         parts = [v.detach().reshape(z.shape[0], self.d)]
         if self.n_probes:
@@ -213,36 +234,31 @@ class _AugmentedFlow:
         return torch.cat(parts, dim=1)
 
 
-class _GroupedController(PIController):
-    """The user's controller, with the error ratio ``max(ratio(x), ratio(accumulators))``.
+def grouped_norm(d: int, m: int):
+    """The likelihood's error norm of a scaled error ``[x | probes | accumulators]``: the larger
+    of the RMS over ``x`` and over the ``m`` accumulators (the constant probes left out)."""
 
-    The constant probe components are left out of the norm.
-    """
+    def norm(scaled: torch.Tensor) -> torch.Tensor:
+        n = scaled.shape[1]
+        return torch.maximum(rms(scaled[:, :d]), rms(scaled[:, n - m:]))
 
-    def __init__(self, base: PIController, d: int, m: int):  # copies base, no super().__init__
-        self.__dict__.update(base.__dict__)
-        self._base, self._d, self._m = base, d, m
-
-    def error_ratio(self, error, y0, y1):
-        d, m, n = self._d, self._m, error.shape[1]
-        rx = self._base.error_ratio(error[:, :d], y0[:, :d], y1[:, :d])
-        rl = self._base.error_ratio(error[:, n - m :], y0[:, n - m :], y1[:, n - m :])
-        return torch.maximum(rx, rl)
+    return norm
 
 
-def _dequantize(x, lo, hi, levels, generator):
+def _dequantize(x, lo, hi, levels, stream):
     width = hi - lo
     n = torch.round((x - lo) / width * (levels - 1))
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    u = stream.rand(x)
     return lo + (n + u) * (width / levels)
 
 
 def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | None = None,
-                   solver: Solver | None = None, controller: PIController | None = None,
+                   solver: Solver | None = None, controller: Controller | None = None,
                    steps=None, schedule: str = "uniform",
-                   generator: torch.Generator | None = None, time_variable: str = "log_sigma",
-                   data_range: tuple[float, float] | None = None, bits: int = 8,
-                   dequantize: bool = False, max_steps: int = 10_000) -> LogLikelihood:
+                   generator: torch.Generator | int | None = None, seeds=None,
+                   time_variable: str = "log_sigma", data_range: tuple[float, float] | None = None,
+                   bits: int = 8, dequantize: bool = False, max_steps: int = 10_000,
+                   cond: dict | None = None) -> LogLikelihood:
     r"""Log-likelihood ``log p_{t_min}(x)`` of ``x`` under ``field`` via the probability-flow ODE.
 
     Integrates ``(x, int div f_tilde dt)`` from ``process.t_min`` to ``process.t_max`` and adds
@@ -256,17 +272,23 @@ def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | N
         trace: :class:`Hutchinson` (default ``Hutchinson(probes=1, noise="rademacher")``) or
             :class:`ExactTrace`.
         solver: an ODE solver (default :class:`~difsolve.Dopri5`).
-        controller: step controller (default ``PIController(rtol=1e-5, atol=1e-5)``); the error
-            of ``x`` and of the log-density accumulators are measured separately and the larger
-            ratio decides (probes excluded).
+        controller: step controller (default ``PIController(rtol=1e-5, atol=1e-5)``); for a
+            :class:`~difsolve.PIController` the error of ``x`` and of the log-density
+            accumulators are measured separately and the larger ratio decides (probes
+            excluded: :func:`grouped_norm`); any other :class:`~difsolve.Controller` sees the
+            augmented state ``[x | probes | accumulators]`` as it is.
         steps, schedule: fixed steps instead of a controller (as in :func:`~difsolve.solve`).
-        generator: source of the probes and of the dequantisation noise.
-        time_variable: ``"log_sigma"`` (default: integrate in ``u = log sigma``) or ``"t"``.
-            Measured on 8-D mixtures at rtol = atol = 1e-5 (benchmarks/bench_likelihood.py):
-            ``"t"`` needed fewer evaluations at equal or lower error under VP (83 vs 116 per
-            sample) and EDM (110 vs 152); VE is the same in both (its ``log sigma`` is affine in
-            ``t``). From the data end the flow is quiet in ``log sigma`` and then turns on
-            sharply, which costs rejected steps.
+        generator: a ``torch.Generator`` or an int seed: source of the probes and of the
+            dequantisation noise.
+        seeds: one int per row instead of ``generator`` (row ``i``'s probes and dequantisation
+            noise from its own generator: its estimate does not depend on its batch).
+        time_variable: ``"log_sigma"`` (default) or ``"t"``. ``"t"`` needs fewer evaluations
+            on 8-D mixtures under VP and EDM (benchmarks/bench_likelihood.py), but its error is
+            less well controlled by the tolerance: on the 32-D VP mixture of
+            tests/test_likelihood.py at rtol = atol = 1e-5 it misses the closed form by 1.3e-3
+            where ``"log_sigma"`` stays within 1e-3; the default is the reliable one. VE is the
+            same in both (its ``log sigma`` is affine in ``t``).
+        cond: keyword arguments for the field (see :mod:`difsolve.conditioning`).
         data_range: ``(lo, hi)`` of ``2^bits``-level data: adds ``bits - log2(hi - lo)`` to
             ``bits_per_dim`` (score_sde: +8 for ``[0, 1]``, +7 for ``[-1, 1]``). None: continuous
             data, no offset.
@@ -277,10 +299,17 @@ def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | N
 
     Returns:
         :class:`LogLikelihood`. Samples whose solve failed have ``log_prob = NaN`` (see
-        ``status``). Not differentiable (the divergence uses detached vector-Jacobian products).
+        ``status``). Not differentiable (the divergence uses detached vector-Jacobian products);
+        works under ``torch.no_grad()`` and ``torch.inference_mode()`` (it enables exactly the
+        gradients the trace needs, one drift evaluation at a time). Half precision is refused:
+        the divergence accumulators need at least float32.
     """
     check_field(field)
     x = check_tensor(x, "x")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise IncompatibleError(
+            f"argument `x`: log_likelihood needs float32 or float64 data, got {x.dtype} (the "
+            "divergence integral is not accurate in half precision; pass x.float())")
     check(bool(torch.isfinite(x).all()), "x", "finite")
     trace = Hutchinson() if trace is None else trace
     if not isinstance(trace, (ExactTrace, Hutchinson)):
@@ -300,10 +329,7 @@ def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | N
     if steps is not None and controller is not None:
         raise IncompatibleError(
             "arguments `steps` and `controller`: give at most one (fixed steps or a controller)")
-    if controller is not None and not isinstance(controller, PIController):
-        raise ArgumentTypeError(f"argument `controller` must be a PIController, got {controller!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(f"argument `generator` must be a torch.Generator, got {generator!r}")
+    stream = make_stream(generator, seeds, x.shape[0], x.device)
     bits = check_int(bits, "bits")
     if not isinstance(dequantize, bool):
         raise ArgumentTypeError(f"argument `dequantize` must be a bool, got {dequantize!r}")
@@ -322,7 +348,7 @@ def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | N
             tol = 1e-4 * (hi - lo)
             check(bool(((x >= lo - tol) & (x <= hi + tol)).all()), "x",
                   f"within data_range {data_range} for dequantize=True")
-            x = _dequantize(x, lo, hi, 2**bits, generator)
+            x = _dequantize(x, lo, hi, 2**bits, stream)
     elif dequantize:
         raise IncompatibleError("argument `dequantize`: needs `data_range=(lo, hi)` of the data")
 
@@ -332,23 +358,27 @@ def log_likelihood(field, x: torch.Tensor, *, trace: ExactTrace | Hutchinson | N
     dyn = _AugmentedFlow(field, trace, shape, m)
     parts = [x.reshape(batch, d)]
     if isinstance(trace, Hutchinson):
-        parts.append(trace.draw((batch, m * d), generator=generator, device=x.device,
+        parts.append(trace.draw((batch, m * d), generator=stream, device=x.device,
                                 dtype=x.dtype))
     parts.append(torch.zeros(batch, m, device=x.device, dtype=x.dtype))
     z0 = torch.cat(parts, dim=1)
 
     process = field.process
     if steps is None:
-        base = controller if controller is not None else PIController(rtol=1e-5, atol=1e-5)
-        sol = solve(dyn, z0, process.t_min, process.t_max, solver=solver,
-                    controller=_GroupedController(base, d, m), generator=generator,
-                    max_steps=max_steps, time_variable=time_variable)
-    else:
-        sol = solve(dyn, z0, process.t_min, process.t_max, solver=solver, steps=steps,
-                    schedule=schedule, generator=generator, max_steps=max_steps,
-                    time_variable=time_variable)
+        controller = controller if controller is not None else PIController(rtol=1e-5,
+                                                                             atol=1e-5)
+        if isinstance(controller, PIController):
+            controller = controller.with_norm(grouped_norm(d, m))
+    sol = solve(dyn, z0, process.t_min, process.t_max, solver=solver, steps=steps,
+                schedule=schedule, controller=controller, generator=stream,
+                max_steps=max_steps, time_variable=time_variable, cond=cond)
+    if batch == 0:
+        empty = torch.zeros(0, device=x.device, dtype=x.dtype)
+        return LogLikelihood(log_prob=empty, bits_per_dim=empty.clone(), stderr=empty.clone(),
+                             stats=sol.stats, status=sol.status, prior_log_prob=empty.clone(),
+                             delta_log_prob=x.new_zeros(0, m), latent=x.clone(), x=x)
 
-    latent, _, delta = dyn.split(sol.x)
+    latent, _, delta = dyn.split(torch.where(torch.isfinite(sol.x), sol.x, sol.last_x))
     prior = process.prior_log_prob(latent)
     ok = sol.status == Status.SUCCESS.value
     estimates = prior[:, None] + delta

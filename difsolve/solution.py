@@ -34,8 +34,19 @@ class Stats:
 
 @dataclass
 class Solution:
-    """Result of :func:`solve`: final state ``x`` at time ``t`` (``(B,)``), saved states
-    ``xs`` (``(S, B, ...)``) at times ``ts`` when ``save_at`` was given, ``stats`` and ``status``."""
+    """Result of :func:`~difsolve.solve` (and of the samplers built on it).
+
+    Attributes:
+        x: final state ``(B, ...)``; NaN in every row whose status is not ``SUCCESS``, so a
+            failed row can never be mistaken for a sample.
+        t: final time ``(B,)``.
+        stats: work counters (:class:`Stats`).
+        status: per-sample :class:`Status` codes ``(B,)``.
+        ts, xs: save times ``(S,)`` and saved states ``(S, B, ...)`` when ``save_at`` was given
+            (NaN for rows that failed, and for save points a row did not reach).
+        last_x, last_t: each row's last finite state and its time (equal to ``x``, ``t`` for
+            rows that succeeded): where a failed row broke down.
+    """
 
     x: torch.Tensor
     t: torch.Tensor
@@ -43,6 +54,8 @@ class Solution:
     status: torch.Tensor
     ts: torch.Tensor | None = None
     xs: torch.Tensor | None = None
+    last_x: torch.Tensor | None = None
+    last_t: torch.Tensor | None = None
 
     @property
     def success(self) -> bool:

@@ -163,3 +163,39 @@ def random_mixture(seed: int, d: int, k: int, min_var: float = 0.05,
 
 
 mixture_args = st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 8), st.integers(1, 5))
+
+
+# ----- processes defined by a table or a formula: SDE coefficients and PF-ODE endpoints ------
+def assert_sde_reproduces_marginals(p: ds.Process, t: torch.Tensor, h: float,
+                                    rtol: float = 1e-6) -> None:
+    """Central differences (step ``h``, float64) of ``a``, ``b^2`` and ``sigma`` at ``t``:
+    ``da/dt = f a``, ``d b^2/dt = 2 f b^2 + g^2``, ``d sigma/dt`` as the process says."""
+    t = t.to(torch.float64)
+    (a_hi, b_hi), (a_lo, b_lo) = p.marginal(t + h), p.marginal(t - h)
+    a, b = p.marginal(t)
+    f, g2 = p.drift_coef(t), p.g2(t)
+    torch.testing.assert_close((a_hi - a_lo) / (2 * h), f * a, rtol=rtol, atol=0.0)
+    # differences of b^2 ~ 1 cancel: allow a few roundings of b^2 divided by the step
+    torch.testing.assert_close((b_hi.square() - b_lo.square()) / (2 * h),
+                               2 * f * b.square() + g2, rtol=rtol,
+                               atol=16 * 2.0**-52 * float(b.square().max()) / h)
+    torch.testing.assert_close((p.sigma(t + h) - p.sigma(t - h)) / (2 * h), p.dsigma_dt(t),
+                               rtol=rtol, atol=0.0)
+    assert bool((g2 > 0).all()) and bool((p.dsigma_dt(t) > 0).all())
+
+
+GAUSS_MEAN = (0.7, -1.2, 0.3)
+GAUSS_COV = ((1.0, 0.6, 0.1), (0.6, 0.8, -0.2), (0.1, -0.2, 0.25))
+
+
+def edm_reference_endpoint(process: ds.Process, x: torch.Tensor, t0: float, t1: float):
+    """The closed-form PF-ODE endpoint at ``t1`` of Gaussian data (``GAUSS_MEAN``, ``GAUSS_COV``)
+    under ``process``, computed independently of it: the EDM flow of ``y = x / a`` from
+    ``sigma(t0)`` to ``sigma(t1)`` (``sigma = b / a`` of the process), mapped back by ``a(t1)``."""
+    from difsolve.analytic import GaussianFlow
+
+    flow = GaussianFlow(torch.tensor(GAUSS_MEAN), torch.tensor(GAUSS_COV), ds.EDM())
+    a0, b0 = (v.item() for v in process.marginal(torch.tensor(t0, dtype=torch.float64)))
+    a1, b1 = (v.item() for v in process.marginal(torch.tensor(t1, dtype=torch.float64)))
+    y1 = flow.flow(x / a0, b0 / a0, b1 / a1)
+    return a1 * y1

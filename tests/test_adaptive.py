@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import difsolve as ds
-from difsolve.analytic import GaussianFlow
-from difsolve.brownian import BridgedNoise
+from difsolve.noise import BridgedNoise
+from difsolve.problems import GaussianFlow
 
 
 class StiffRelaxation:
@@ -153,7 +153,10 @@ def test_nonfinite_sample_stops_alone(solver, kw):
     expected = [ds.Status.SUCCESS] * 5
     expected[2] = ds.Status.NONFINITE
     assert sol.status.tolist() == [int(s) for s in expected]
-    assert torch.isfinite(sol.x).all()  # the failed row keeps its last finite state
+    # the failed row holds NaN, its last finite state and time are kept
+    assert bool(torch.isnan(sol.x[2]).all()) and bool(torch.isfinite(sol.x[[0, 1, 3, 4]]).all())
+    assert bool(torch.isfinite(sol.last_x).all())
+    assert torch.equal(sol.last_x[[0, 1, 3, 4]], sol.x[[0, 1, 3, 4]])
     torch.testing.assert_close(sol.t[[0, 1, 3, 4]], torch.full((4,), 0.002, dtype=torch.float64))
 
 
@@ -195,10 +198,10 @@ def _adversarial_walk(noise: BridgedNoise, n: int, horizon: float, seed: int):
     h = torch.full((n,), 0.25, dtype=torch.float64)
     for _ in range(1000):
         h_try = torch.minimum(h, horizon - t)
-        dw, on_acc, on_rej = noise.propose(state, x, h_try)
+        dw, proposal = noise.propose(state, x, t, h_try)
         accept = (dw.abs()[:, 0] <= 1.0 * h_try.sqrt()) | (h_try < 0.01)
         accept &= t < horizon
-        state = noise.commit(accept, on_acc, on_rej)
+        state = noise.commit(state, proposal, accept)
         w = torch.where(accept[:, None], w + dw, w)
         t = torch.where(accept, t + h_try, t)
         h = torch.where(accept, torch.full_like(h, 0.25), h_try * 0.5)
@@ -226,13 +229,14 @@ def test_bridge_increments_add_up():
     x = torch.zeros(4, 3, dtype=torch.float64)
     state = noise.init(x)
     h = torch.full((4,), 1.0, dtype=torch.float64)
-    dw, on_acc, on_rej = noise.propose(state, x, h)
-    state = noise.commit(torch.zeros(4, dtype=torch.bool), on_acc, on_rej)
+    t = torch.zeros(4, dtype=torch.float64)
+    dw, proposal = noise.propose(state, x, t, h)
+    state = noise.commit(state, proposal, torch.zeros(4, dtype=torch.bool))
     # retry the same interval in three accepted pieces: they sum to the rejected increment
     total = torch.zeros_like(x)
     for piece in (0.3, 0.5, 0.2):
-        d, on_acc, on_rej = noise.propose(state, x, torch.full((4,), piece, dtype=torch.float64))
-        state = noise.commit(torch.ones(4, dtype=torch.bool), on_acc, on_rej)
+        d, proposal = noise.propose(state, x, t, torch.full((4,), piece, dtype=torch.float64))
+        state = noise.commit(state, proposal, torch.ones(4, dtype=torch.bool))
         total += d
     torch.testing.assert_close(total, dw)
     assert float(state[0].abs().max()) < 1e-12  # nothing left of the known future

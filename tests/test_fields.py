@@ -234,7 +234,7 @@ def _assert_close_cond(got, ref, x, b, power: int = 2, rtol: float = 1e-6):
 
 
 def _exact_predictors(mix: Mixture, gm: ds.GaussianMixture, process: ds.Process):
-    """Exact score/eps/x0/v predictors ``model(x, t)`` of the mixture under ``process``."""
+    """Exact score/eps/x0/v/flow predictors ``model(x, t)`` of the mixture under ``process``."""
 
     def x0(x, t):
         a, b = process.marginal(t)
@@ -252,10 +252,13 @@ def _exact_predictors(mix: Mixture, gm: ds.GaussianMixture, process: ds.Process)
         a, b = ab(x, t)
         return a * eps(x, t) - b * x0(x, t)
 
+    def flow(x, t):  # the flow-matching velocity eps - x0
+        return eps(x, t) - x0(x, t)
+
     def score(x, t):
         return gm.marginal_score(x, t, process)
 
-    return {"score": score, "eps": eps, "x0": x0, "v": v}
+    return {"score": score, "eps": eps, "x0": x0, "v": v, "flow": flow}
 
 
 @given(args=mixture_args, case=cases(), frac=st.floats(0, 1))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import math
 import sys
 import types
 from pathlib import Path
@@ -64,13 +63,7 @@ def K():
 
 def ring_mixture() -> ds.GaussianMixture:
     """8 modes on a circle of radius 2, unequal weights, small anisotropic covariances."""
-    k = 8
-    ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
-    means = 2.0 * torch.stack([ang.cos(), ang.sin()], 1)
-    w = torch.arange(1, k + 1, dtype=torch.float64)
-    covs = torch.stack([torch.diag(torch.tensor([0.02 + 0.005 * i, 0.01], dtype=torch.float64))
-                        for i in range(k)])
-    return ds.GaussianMixture(w / w.sum(), means, covs)
+    return ds.problems.ring_mixture(anisotropic=True)
 
 
 @pytest.fixture(scope="module")

@@ -358,11 +358,13 @@ def test_annealed_langevin_bad_call_arguments():
     with pytest.raises(ds.DifsolveError, match="`field`"):
         ds.annealed_langevin(lambda x, t: x, (4, 2), [1.0], 2, 1e-4)
     with pytest.raises(ds.DifsolveError, match="`shape`"):
-        ds.annealed_langevin(FIELD, (0, 2), [1.0], 2, 1e-4)
+        ds.annealed_langevin(FIELD, (4, 0), [1.0], 2, 1e-4)
     with pytest.raises(ds.DifsolveError, match="`shape`"):
         ds.annealed_langevin(FIELD, "ab", [1.0], 2, 1e-4)
     with pytest.raises(ds.DifsolveError, match="`generator`"):
-        ds.annealed_langevin(FIELD, (4, 2), [1.0], 2, 1e-4, generator=0)
+        ds.annealed_langevin(FIELD, (4, 2), [1.0], 2, 1e-4, generator="zero")
+    empty = ds.annealed_langevin(FIELD, (0, 2), [1.0], 2, 1e-4)  # an empty batch is no error
+    assert empty.x.shape == (0, 2) and empty.status.shape == (0,)
     with pytest.raises(ds.DifsolveError, match="`denoise`"):
         ds.AnnealedLangevin([1.0]).run(FIELD, torch.zeros(4, 2), denoise="yes")
     with pytest.raises(ds.DifsolveError, match="`x`"):

@@ -24,29 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import difsolve as ds
-from difsolve.analytic import GaussianFlow
+from difsolve.problems import GaussianFlow, rotated_covs, rotated_mixture
 
 F64 = torch.float64
 PROCESSES = {"VP": ds.VP, "VE": ds.VE, "EDM": ds.EDM}
-
-
-def rotated_covs(d: int, k: int, gen: torch.Generator, lo: float = 0.05, hi: float = 2.0):
-    """``k`` covariances ``Q diag(l) Q^T`` with Haar-random ``Q`` and log-uniform ``l`` in [lo, hi]."""
-    covs = []
-    for _ in range(k):
-        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-        q = q * torch.sign(torch.diagonal(r))
-        ev = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo))
-                       * torch.rand(d, generator=gen, dtype=F64))
-        covs.append(q @ torch.diag(ev) @ q.T)
-    return torch.stack(covs)
-
-
-def rotated_mixture(d: int, k: int, seed: int, spread: float = 2.0) -> ds.GaussianMixture:
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.rand(k, generator=gen, dtype=F64) + 0.3
-    means = spread * torch.randn(k, d, generator=gen, dtype=F64)
-    return ds.GaussianMixture(w / w.sum(), means, rotated_covs(d, k, gen))
 
 
 def sample_marginal(mix: ds.GaussianMixture, n: int, t: float, process, seed: int,

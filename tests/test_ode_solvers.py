@@ -1,7 +1,7 @@
 """Observed convergence orders of the ODE solvers on closed-form Gaussian probability-flow ODEs.
 
 Ground truth: data ``N(mu, S)`` with a rotated anisotropic ``S`` and a non-zero mean, whose
-probability-flow ODE has the exact solution :meth:`difsolve.analytic.GaussianFlow.flow`. Each study
+probability-flow ODE has the exact solution :meth:`difsolve.problems.GaussianFlow.flow`. Each study
 draws start points from the exact ``p_T``, integrates ``t_max -> t_min`` with ``N`` fixed steps
 and fits the least-squares slope of ``log(RMS endpoint error)`` against ``log N`` over step counts
 chosen in the asymptotic range (float64). Grids: VP uniform in ``t``; VE and EDM uniform in
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import difsolve as ds
-from difsolve.analytic import GaussianFlow
+from difsolve.problems import GaussianFlow
 
 TOL = 0.25
 

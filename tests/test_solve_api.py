@@ -170,7 +170,11 @@ def test_nonfinite_row_on_fixed_grid(vp, solver):
     clean = ds.solve(ds.ProbabilityFlowODE(gf.field), x0[keep], 1.0, 1e-3, solver=solver,
                      steps=20)
     torch.testing.assert_close(sol.x[keep], clean.x, rtol=1e-13, atol=1e-13)
-    assert bool(torch.isfinite(sol.x).all())  # the failed row keeps its last finite state
+    # the failed row holds NaN; its last finite state and time are kept
+    assert bool(torch.isnan(sol.x[2]).all())
+    assert bool(torch.isfinite(sol.last_x).all())
+    torch.testing.assert_close(sol.last_x[keep], clean.x, rtol=0, atol=0)
+    assert 1e-3 < float(sol.last_t[2]) <= 1.0
     assert int(sol.stats.steps[2]) == 0 and bool((sol.stats.steps[keep] == 20).all())
 
 

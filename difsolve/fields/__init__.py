@@ -2,10 +2,13 @@
 
 from .base import ScoreField, check_field, denoise, is_exact
 from .gaussian_mixture import GaussianMixture, GaussianMixtureField
-from .network import Denoiser, ScoreNetwork
+from .guidance import ClassifierFreeGuidance
+from .network import Denoiser, DiscreteDenoiser, ScoreNetwork
 
 __all__ = [
+    "ClassifierFreeGuidance",
     "Denoiser",
+    "DiscreteDenoiser",
     "GaussianMixture",
     "GaussianMixtureField",
     "ScoreField",

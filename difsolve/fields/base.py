@@ -6,27 +6,48 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .._errors import ArgumentTypeError
+from .._errors import ArgumentTypeError, InvalidArgumentError
 from .._tensor import bcast
 from ..parametrization import x0_from_score
 from ..processes import Process
 
-__all__ = ["ScoreField", "check_field", "denoise"]
+__all__ = ["ScoreField", "check_field", "check_model_output", "denoise"]
 
 
 @runtime_checkable
 class ScoreField(Protocol):
-    """Anything with a ``process`` and ``__call__(x, t) -> score`` (same shape as ``x``).
+    """Anything with a ``process`` and ``__call__(x, t, **cond) -> score`` (same shape as ``x``).
 
-    ``t`` is a per-sample ``(B,)`` tensor. Rows must be treated independently: the library may
-    call the field on any subset of rows. An optional attribute ``exact_score`` (default True) is
-    False for pseudo-scores (finite-D PFGM++ fields), which SDE solvers and Langevin correctors
-    refuse.
+    ``t`` is a per-sample ``(B,)`` tensor; ``cond`` holds conditioning values (per-row tensors
+    already sliced to the rows of ``x``), empty for unconditional use. Rows must be treated
+    independently: the library may call the field on any subset of rows. An optional attribute
+    ``exact_score`` (default True) is False for pseudo-scores (finite-D PFGM++ fields), which SDE
+    solvers and Langevin correctors refuse.
     """
 
     process: Process
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor: ...
+
+
+def check_model_output(out, x: torch.Tensor, name: str = "model") -> torch.Tensor:
+    """Return ``out`` if it is a tensor with the shape and dtype of ``x``; else raise naming
+    ``name``'s output (the one check every network adapter applies)."""
+    if not isinstance(out, torch.Tensor):
+        hint = (" (a tuple or model-output object: return the tensor, e.g. `.sample`; "
+                "ds.from_diffusers unwraps diffusers models)"
+                if isinstance(out, (tuple, list)) or hasattr(out, "sample") else "")
+        raise ArgumentTypeError(
+            f"argument `{name}` must return a torch.Tensor, got {type(out).__name__}{hint}")
+    if out.shape != x.shape:
+        raise InvalidArgumentError(
+            f"argument `{name}` must return a tensor of the shape of x {tuple(x.shape)}, got an "
+            f"output of shape {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise InvalidArgumentError(
+            f"argument `{name}` must return a tensor of the dtype of x ({x.dtype}), got an output "
+            f"of dtype {out.dtype}")
+    return out
 
 
 def check_field(field, name: str = "field") -> None:
@@ -43,10 +64,11 @@ def is_exact(field) -> bool:
     return bool(getattr(field, "exact_score", True))
 
 
-def denoise(field, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any)."""
+def denoise(field, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """Posterior mean ``E[x0 | x_t = x]`` by Tweedie's formula (uses ``field.denoise`` if any);
+    ``cond`` is passed to the field."""
     own = getattr(field, "denoise", None)
     if own is not None:
-        return own(x, t)
+        return own(x, t, **cond)
     a, b = field.process.marginal(t)
-    return x0_from_score(field(x, t), x, bcast(a, x), bcast(b, x))
+    return x0_from_score(field(x, t, **cond), x, bcast(a, x), bcast(b, x))

@@ -19,6 +19,7 @@ from .._errors import (
 )
 from .._tensor import TimeLike, as_time, bcast
 from ..processes.poisson import CHUNK_ELEMENTS, Poisson, _log_unit_sphere_area, log_t_kernel
+from .base import check_model_output
 
 __all__ = ["PoissonField", "RTimeODE", "denoiser_from_field"]
 
@@ -203,27 +204,32 @@ class PoissonField:
         if isinstance(D, float) and math.isinf(D):
             raise IncompatibleError("argument `D`: a Poisson field needs a finite D")
 
-        def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        def denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
             r = sigma * math.sqrt(D)
-            e_x, e_r = model(x, r)
+            e_x, e_r = model(x, r, **cond)
             return denoiser_from_field(e_x, e_r, x, r)
 
         return cls(denoiser, D, sigma_min, sigma_max)
 
     # ----- the field ---------------------------------------------------------------------
-    def _empirical_denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _empirical_denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        if cond:
+            raise IncompatibleError(
+                f"argument `cond`: the empirical field of PoissonField.from_data takes no "
+                f"conditioning, got keys {sorted(cond)}")
         return self._empirical.stats(x, sigma)[1].reshape(x.shape)
 
-    def denoise(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """The data prediction ``D(x, sigma)`` (posterior mean under the t-kernel), ``sigma = t``."""
+    def denoise(self, x: torch.Tensor, t: TimeLike, **cond) -> torch.Tensor:
+        """The data prediction ``D(x, sigma)`` (posterior mean under the t-kernel), ``sigma = t``;
+        a network denoiser is called as ``denoiser(x, sigma, **cond)``."""
         check_tensor(x, "x")
-        return self._denoiser(x, as_time(t, x))
+        out = self._denoiser(x, as_time(t, x), **cond)
+        return out if self._empirical is not None else check_model_output(out, x, "denoiser")
 
-    def __call__(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: TimeLike, **cond) -> torch.Tensor:
         """The pseudo-score ``(D(x, sigma) - x) / sigma^2`` (the score when ``D = inf``)."""
-        check_tensor(x, "x")
-        t = as_time(t, x)
-        return (self._denoiser(x, t) - x) / bcast(t, x).square()
+        t = as_time(t, check_tensor(x, "x"))
+        return (self.denoise(x, t, **cond) - x) / bcast(t, x).square()
 
     def _need_data(self, what: str) -> _Empirical:
         if self._empirical is None:

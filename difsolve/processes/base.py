@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from .._errors import check_tensor
-from .._tensor import TimeLike, flat_sum
+from .._tensor import TimeLike, as_time, bcast, flat_sum, time_dtype
 
 __all__ = ["Process", "SigmaTime"]
 
@@ -46,6 +46,8 @@ class Process(ABC):
     unit_scale: bool = False
     #: standard deviation of the Gaussian prior N(0, prior_std^2 I) at t_max
     prior_std: float = 1.0
+    #: times at which the marginals are defined; solves outside it are refused
+    domain: tuple[float, float] = (0.0, math.inf)
 
     # ----- schedule -----------------------------------------------------------------------
     @abstractmethod
@@ -107,6 +109,15 @@ class Process(ABC):
             device = generator.device
         z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
         return self.prior_std * z
+
+    def perturb(self, x0: torch.Tensor, t: TimeLike, *, generator=None) -> torch.Tensor:
+        """A draw of ``x_t = a(t) x0 + b(t) z`` (the forward process at time ``t``, e.g. the
+        starting state of SDEdit / img2img with :func:`~difsolve.sample`'s ``t_start``)."""
+        check_tensor(x0, "x0")
+        t = as_time(t, x0, "t", time_dtype(x0.dtype))
+        a, b = self.marginal(t)
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return (bcast(a, x0) * x0 + bcast(b, x0) * z).to(x0.dtype)
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density of the prior at ``x``, shape ``(B,)``."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import IncompatibleError
-from ..dynamics import is_sde
+from ..dynamics import TIME_VARIABLES, is_sde
 
 __all__ = ["Solver", "Step", "StepContext"]
 
@@ -40,15 +40,24 @@ class Step:
 
 @dataclass
 class StepContext:
-    """What the loop tells a solver about the solve (all host-side values, no tensors)."""
+    """What the loop tells a solver about the solve (host-side values, and the random stream).
+
+    ``stream`` is the solve's :mod:`random stream <difsolve.noise>` (a generator, or one per row
+    with ``seeds=``); ``rows`` the global indices of the rows being stepped (None: all, in order).
+    Solvers draw extra randomness only through :meth:`randn_like`.
+    """
 
     generator: torch.Generator | None = None
     n_steps: int | None = None  # number of steps of a fixed grid, None when adaptive
     index: int = 0  # index of the current step on a fixed grid
     final_sigma_zero: bool = False  # the grid ends at sigma = 0 (EDM's last Euler step)
+    stream: object | None = None
+    rows: torch.Tensor | None = None
     plan: object = None  # what ``solver.prepare(dynamics, grid)`` returned for a shared grid
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None:
+            return self.stream.randn(x, self.rows)
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
 
 
@@ -77,7 +86,7 @@ class Solver:
     sde: bool = False
     noise_types: tuple[str, ...] = ()
     native_time: bool = False
-    time_variables: tuple[str, ...] = ("t", "log_sigma", "snr")
+    time_variables: tuple[str, ...] = TIME_VARIABLES
 
     @property
     def error_order(self) -> float:
@@ -123,6 +132,11 @@ class Solver:
     def first_step(self, dynamics, t: torch.Tensor, span: torch.Tensor) -> torch.Tensor | None:
         """Size ``|h|`` of the first adaptive step if the solver knows a good one (else None:
         the controller's estimate is used)."""
+        return None
+
+    def denoised(self, state: State) -> torch.Tensor | None:
+        """The data prediction at the current point if the solver state holds it (reported to
+        ``callback``), else None."""
         return None
 
     def initial_drift(self, state: State) -> torch.Tensor | None:

@@ -20,12 +20,23 @@ refused with :class:`~difsolve.IncompatibleError`. Nothing here synchronises wit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .._errors import ArgumentTypeError, IncompatibleError, check, check_int, check_positive
+from .._errors import (
+    ArgumentTypeError,
+    IncompatibleError,
+    check,
+    check_int,
+    check_positive,
+    check_shape,
+)
 from .._tensor import all_finite, bcast
+from ..conditioning import ConditionedField, RowCondition
 from ..fields.base import check_field, is_exact
 from ..fields.base import denoise as tweedie
+from ..noise import make_stream, randn_like
 from ..solution import Solution, Stats, Status
 
 __all__ = ["NORM_RULES", "AnnealedLangevin", "Langevin", "annealed_langevin"]
@@ -152,7 +163,7 @@ class Langevin:
         process = field.process
         for _ in range(self.steps):
             score = field(x, t)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn_like(x, generator)
             eps = bcast(self.step_size(process, x, t, score, z), x)
             x = x + eps * score + (2.0 * eps).sqrt() * z
         return x, self.steps
@@ -235,7 +246,7 @@ class AnnealedLangevin:
         _refuse_pseudo_score(field, "annealed Langevin dynamics")
 
     def _step(self, field, x, t, alpha, generator):
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = randn_like(x, generator)
         return x + 0.5 * alpha * field(x, t) + alpha.sqrt() * z
 
     # ----- corrector protocol -----------------------------------------------------------
@@ -259,12 +270,15 @@ class AnnealedLangevin:
         return x, self.steps_each
 
     # ----- stand-alone sampler ----------------------------------------------------------
-    def run(self, field, x: torch.Tensor, *, generator: torch.Generator | None = None,
-            denoise: bool = True):
+    def run(self, field, x: torch.Tensor, *, generator=None, denoise: bool = True,
+            seeds=None, cond: dict | None = None):
         """Run Algorithm 1 from ``x`` (``(B, ...)``); return a :class:`~difsolve.Solution`.
 
         ``denoise=True`` ends with one Tweedie step ``x0 = (x + b_L^2 s) / a`` at ``sigma_L``
-        (one more score evaluation). ``status`` is ``NONFINITE`` for rows that overflowed.
+        (one more score evaluation). ``status`` is ``NONFINITE`` for rows that overflowed (their
+        ``x`` is NaN, ``last_x`` their state). ``generator`` (a generator, an int seed or a random
+        stream) or ``seeds`` (one int per row) drive the noise; ``cond`` is passed to the field.
+        No autograd graph is built.
         """
         self._check_field(field)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
@@ -272,10 +286,17 @@ class AnnealedLangevin:
                 f"argument `x` must be a floating-point tensor of shape (B, ...), got {x!r}")
         if not isinstance(denoise, bool):
             raise ArgumentTypeError(f"argument `denoise` must be a bool, got {denoise!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ArgumentTypeError(
-                f"argument `generator` must be a torch.Generator, got {generator!r}")
+        stream = make_stream(generator, seeds, x.shape[0], x.device)
+        rows = RowCondition.of(cond, x.shape[0])
+        if rows:
+            field = ConditionedField(field, rows)
+        with torch.no_grad():
+            return self._run(field, x, stream, denoise)
+
+    def _run(self, field, x, generator, denoise):
         ts, bs = self._levels(field.process, x)
+        if x.shape[0] == 0:
+            return _empty_solution(x, ts[-1])
         alphas = self.eps * (bs / bs[-1]).square()
         batch = x.shape[0]
         for i in range(ts.numel()):
@@ -294,39 +315,46 @@ class AnnealedLangevin:
                              device=x.device)
         stats = Stats(nfe=nfe, nfe_per_sample=torch.full_like(n_steps, nfe), steps=n_steps,
                       accepted=n_steps.clone(), rejected=torch.zeros_like(n_steps))
-        return Solution(x=x, t=t_end, stats=stats, status=status)
+        return Solution(x=torch.where(bcast(ok, x), x, math.nan), t=t_end, stats=stats,
+                        status=status, last_x=x, last_t=t_end.clone())
 
     def __repr__(self) -> str:
         return (f"AnnealedLangevin(sigmas={self.sigmas.tolist()!r}, "
                 f"steps_each={self.steps_each!r}, eps={self.eps!r})")
 
 
+def _empty_solution(x: torch.Tensor, t_end: torch.Tensor) -> Solution:
+    zeros = torch.zeros(0, dtype=torch.long, device=x.device)
+    t = t_end.expand(0).clone()
+    stats = Stats(nfe=0, nfe_per_sample=zeros, steps=zeros.clone(), accepted=zeros.clone(),
+                  rejected=zeros.clone())
+    return Solution(x=x.clone(), t=t, stats=stats, status=zeros.clone(), last_x=x.clone(),
+                    last_t=t.clone())
+
+
 def annealed_langevin(field, shape, sigmas, steps_each: int = 100, eps: float = 2e-5,
-                      generator: torch.Generator | None = None, denoise: bool = True,
-                      device=None, dtype=None):
+                      generator=None, denoise: bool = True, device=None, dtype=None, *,
+                      seeds=None, cond: dict | None = None):
     r"""Sample ``shape = (B, ...)`` with annealed Langevin dynamics (NCSN Algorithm 1).
 
     Starts from ``N(0, b_1^2 I)``, the process marginal of pure noise at the largest level
     ``sigma_1`` (``N(0, sigma_1^2 I)`` for VE and EDM), then runs
     :meth:`AnnealedLangevin.run`; see :class:`AnnealedLangevin` for the update and arguments.
     Returns a :class:`~difsolve.Solution` whose ``stats.nfe`` is ``L * steps_each`` (+1 when
-    ``denoise``) and whose ``t`` is the time of ``sigma_L``.
+    ``denoise``) and whose ``t`` is the time of ``sigma_L``. ``generator`` may be an int seed;
+    ``seeds`` (one int per row) make every row's draw independent of its batch; ``cond`` is
+    passed to the field.
     """
     sampler = AnnealedLangevin(sigmas, steps_each=steps_each, eps=eps)
     sampler._check_field(field)
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError) as exc:
-        raise ArgumentTypeError(
-            f"argument `shape` must be a sequence of ints (B, ...), got {shape!r}") from exc
-    check(len(shape) >= 1 and all(s >= 1 for s in shape), "shape",
-          "a non-empty sequence of positive ints", shape)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(f"argument `generator` must be a torch.Generator, got {generator!r}")
+    shape = check_shape(shape)
     dtype = dtype or torch.get_default_dtype()
+    check(isinstance(dtype, torch.dtype) and dtype.is_floating_point, "dtype",
+          "a floating-point torch.dtype", dtype)
     if device is None:
-        device = generator.device if generator is not None else "cpu"
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    stream = make_stream(generator, seeds, shape[0], device)
+    z = stream.randn(torch.empty(shape, device=device, dtype=dtype))
     _, bs = sampler._levels(field.process, z)
-    return sampler.run(field, bs[0] * z, generator=generator, denoise=denoise)
+    return sampler.run(field, bs[0] * z, generator=stream, denoise=denoise, cond=cond)
 

@@ -41,12 +41,16 @@ class ButcherTableau:
 
 
 def _combine(x: torch.Tensor, hb: torch.Tensor, coeffs, ks) -> torch.Tensor:
-    """``x + h * sum_j coeffs[j] ks[j]`` skipping zero coefficients."""
+    """``x + h * sum_j coeffs[j] ks[j]`` skipping zero coefficients, the last operation fused
+    (one ``addcmul``; Euler's step is a single kernel)."""
     acc = None
     for cj, kj in zip(coeffs, ks):
         if cj != 0.0:
-            acc = kj * cj if acc is None else acc.add(kj, alpha=cj)
-    return x if acc is None else x + hb * acc
+            if acc is None:
+                acc = kj if cj == 1.0 else kj * cj
+            else:
+                acc = acc.add(kj, alpha=cj)
+    return x if acc is None else torch.addcmul(x, hb, acc)
 
 
 class ExplicitRK(Solver):

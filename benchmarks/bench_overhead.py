@@ -1,0 +1,225 @@
+"""Loop overhead per field evaluation, side by side with the peers in one run (issue 14).
+
+The field is nearly free (a linear drift on a float32 batch), so what is measured is the cost of
+the solve loop itself: per evaluation, wall time minus the cost of calling the field alone.
+
+1. Fixed-step ODE (Euler): difsolve, torchdiffeq ``odeint(method="euler")``, k-diffusion
+   ``sample_euler``, and a bare Python loop ``x = x + h * f(x)``.
+2. Fixed-step SDE (Euler-Maruyama, fresh Gaussian increments): difsolve against torchsde
+   ``sdeint(method="euler")``.
+3. Adaptive: difsolve ``DPMSolver(3, corrector=True)`` under a PI controller in log-sigma time
+   against torchode's Dopri5 integrating the same probability-flow ODE in the same time variable
+   (log sigma), on an exact Gaussian field: wall time per evaluation.
+
+Run: ``python benchmarks/bench_overhead.py [--quick]`` (about 1 minute; ``--quick`` a few seconds).
+Figures are ratios within one run; absolute microseconds depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _peers import load_k_diffusion_sampling
+
+import difsolve as ds
+
+
+class Linear:
+    """``dx/dt = -x``: one elementwise op per evaluation."""
+
+    def drift(self, x, t):
+        return -x
+
+
+class LinearSDE(Linear):
+    """``dx = -x dt + dw``."""
+
+    noise = "additive"
+
+    def diffusion(self, t):
+        return torch.ones_like(t)
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def fixed_ode(batch: int, n: int, repeats: int) -> dict[str, float]:
+    x0 = torch.randn(batch, 2)
+    dyn = Linear()
+    ts = torch.linspace(1.0, 0.0, n + 1)
+    hs = (ts[1:] - ts[:-1]).tolist()
+    t_b = torch.ones(batch)
+
+    def field_only():
+        for _ in range(n):
+            dyn.drift(x0, t_b)
+
+    def bare():
+        x = x0
+        for h in hs:
+            x = x + h * dyn.drift(x, t_b)
+
+    def ours():
+        ds.solve(dyn, x0, 1.0, 0.0, solver=ds.Euler(), steps=n)
+
+    from torchdiffeq import odeint
+
+    def torchdiffeq_euler():
+        odeint(lambda t, x: dyn.drift(x, t), x0, ts, method="euler")
+
+    kd = load_k_diffusion_sampling()
+    sigmas = torch.linspace(1.0, 0.01, n + 1)
+
+    def k_diffusion_euler():
+        kd.sample_euler(lambda x, s: 0.5 * x, x0, sigmas, disable=True)
+
+    base = best_of(field_only, repeats)
+    out = {}
+    for name, fn in [("bare loop", bare), ("difsolve Euler", ours),
+                     ("torchdiffeq euler", torchdiffeq_euler),
+                     ("k-diffusion sample_euler", k_diffusion_euler)]:
+        fn()
+        out[name] = (best_of(fn, repeats) - base) / n * 1e6
+    out["field"] = base / n * 1e6
+    return out
+
+
+def fixed_sde(batch: int, n: int, repeats: int) -> dict[str, float]:
+    import torchsde
+
+    x0 = torch.randn(batch, 2)
+    dyn = LinearSDE()
+    t_b = torch.ones(batch)
+
+    class TorchsdeSDE(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return -y
+
+        def g(self, t, y):
+            return torch.ones_like(y)
+
+    sde = TorchsdeSDE()
+
+    def field_only():
+        for _ in range(n):
+            dyn.drift(x0, t_b)
+
+    def ours():
+        ds.solve(dyn, x0, 0.0, 1.0, solver=ds.EulerMaruyama(), steps=n, generator=0)
+
+    def torchsde_euler():
+        torchsde.sdeint(sde, x0, torch.tensor([0.0, 1.0]), method="euler", dt=1.0 / n)
+
+    base = best_of(field_only, repeats)
+    out = {}
+    for name, fn in [("difsolve EulerMaruyama", ours), ("torchsde euler", torchsde_euler)]:
+        fn()
+        out[name] = (best_of(fn, repeats) - base) / n * 1e6
+    return out
+
+
+class StandardGaussianField:
+    """Exact score of N(0, I) data under ``process``: ``-x / (a^2 + b^2)`` (nearly free)."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def __call__(self, x, t):
+        a, b = self.process.marginal(t)
+        return -x / (a * a + b * b)[:, None]
+
+
+def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple[float, float]]:
+    import torchode as to
+
+    process = ds.EDM()
+    field = StandardGaussianField(process)
+    x0 = process.prior_sample((batch, 2), generator=torch.Generator().manual_seed(0))
+    ctrl = ds.PIController(rtol=rtol, atol=rtol, pcoeff=0.3, icoeff=0.4, safety=0.8)
+    out = {}
+    result = {}
+
+    def ours():
+        result["sol"] = ds.sample(field, x_T=x0, solver=ds.DPMSolver(3, corrector=True),
+                                  controller=ctrl, denoise=False)
+
+    ours()
+    wall = best_of(ours, repeats)
+    out["difsolve DPMSolver(3)+C PI (log_sigma)"] = (
+        wall / float(result["sol"].stats.nfe_per_sample.float().mean()) * 1e6,
+        float(result["sol"].stats.nfe_per_sample.float().mean()))
+
+    ode = ds.dynamics.LogSigmaTime(ds.ProbabilityFlowODE(field))
+    u0 = float(ode.to_u(torch.tensor(process.t_max)))
+    u1 = float(ode.to_u(torch.tensor(process.t_min)))
+
+    def f(u, x):
+        return ode.drift(x, u)
+
+    term = to.ODETerm(f)
+    step = to.Dopri5(term=term)
+    controller = to.PIDController(atol=rtol, rtol=rtol, pcoeff=0.3, icoeff=0.4, dcoeff=0.0,
+                                  term=term)
+    adjoint = to.AutoDiffAdjoint(step, controller)
+    t_eval = torch.tensor([[u0, u1]]).expand(batch, 2)
+    stats = {}
+
+    def torchode_run():
+        sol = adjoint.solve(to.InitialValueProblem(y0=x0, t_eval=t_eval))
+        stats["nfe"] = float(sol.stats["n_f_evals"].float().mean())
+
+    torchode_run()
+    wall = best_of(torchode_run, repeats)
+    out["torchode Dopri5 PID (log_sigma)"] = (wall / stats["nfe"] * 1e6, stats["nfe"])
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    batch, n, repeats = (4096, 200, 3) if args.quick else (4096, 1000, 7)
+    print(f"== fixed-step ODE: batch {batch} x 2, float32, {n} Euler steps; overhead per "
+          "evaluation (us), field cost subtracted")
+    res = fixed_ode(batch, n, repeats)
+    field_cost = res.pop("field")
+    for name, us in res.items():
+        print(f"  {name:28s} {us:8.2f} us")
+    ours = res["difsolve Euler"]
+    print(f"  field alone: {field_cost:.2f} us; difsolve / torchdiffeq = "
+          f"{ours / res['torchdiffeq euler']:.2f}, difsolve / k-diffusion = "
+          f"{ours / res['k-diffusion sample_euler']:.2f}")
+    print(f"== fixed-step SDE: Euler-Maruyama, batch {batch} x 2, {n} steps; overhead per "
+          "evaluation (us)")
+    res = fixed_sde(batch, n, repeats)
+    for name, us in res.items():
+        print(f"  {name:28s} {us:8.2f} us")
+    print(f"  difsolve / torchsde = {res['difsolve EulerMaruyama'] / res['torchsde euler']:.2f}")
+    print("== adaptive, EDM PF-ODE of N(0, I) data, batch 512 x 2, float32, rtol = atol = 1e-4: "
+          "wall time per evaluation (us), evaluations per sample")
+    res = adaptive(512, repeats, 1e-4)
+    for name, (us, nfe) in res.items():
+        print(f"  {name:40s} {us:8.1f} us/eval  {nfe:6.1f} NFE")
+    names = list(res)
+    print(f"  difsolve / torchode (per evaluation) = {res[names[0]][0] / res[names[1]][0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
