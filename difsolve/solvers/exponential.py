@@ -218,7 +218,8 @@ class Multistep(Solver):
                           moments: torch.Tensor) -> torch.Tensor:
         """Weights ``(B, k + 1)`` of ``F_new, F_0, F_1, ...`` (UniC with ``k + 1`` nodes)."""
         m = self.corrector_moments(moments[:, :k + 1], h, k)
-        return lagrange_weights([h, torch.zeros_like(h), *past[:k - 1]], m)
+        node = torch.where(h == 0, torch.ones_like(h), h)  # h = 0: zero moments, zero weights
+        return lagrange_weights([node, torch.zeros_like(h), *past[:k - 1]], m)
 
     # ----- the shared machinery ---------------------------------------------------------------
 
@@ -392,18 +393,19 @@ class Multistep(Solver):
         fracs, node_sets = _STARTS[self._start_order()]
         f0, count = state[0], state[-1]
         values, lams, nfe = [f0], [lam_s], 0
+        hn = torch.where(hh == 0, torch.ones_like(hh), hh)  # node spacing (h = 0: zero weights)
         for c, nodes in zip(fracs[1:], node_sets[:-1]):
             lam_c = lam_s + c * (lam_t - lam_s)
             t_c = process.t_of_sigma(torch.exp(-lam_c))
             a_c, b_c, _ = self._marginal(process, t_c)
-            w = lagrange_weights([fracs[i] * hh for i in nodes], self.moments(c * hh, len(nodes)))
+            w = lagrange_weights([fracs[i] * hn for i in nodes], self.moments(c * hh, len(nodes)))
             sx, sf = self._coefs(a_s, b_s, a_c, b_c)
             x_c = self._combine(x, sx, sf, w, [values[i] for i in nodes])
             values.append(self._field_value(denoise(x_c, t_c), x_c, a_c, b_c))
             lams.append(lam_c)
             nfe += 1
         final = node_sets[-1]
-        w = lagrange_weights([fracs[i] * hh for i in final], self.moments(hh, len(final)))
+        w = lagrange_weights([fracs[i] * hn for i in final], self.moments(hh, len(final)))
         x_new = self._combine(x, scale_x, scale_f, w, [values[i] for i in final])
         if last:
             f_new = torch.zeros_like(x)
