@@ -16,12 +16,14 @@ different seed than the evaluation draws); tuned grids are also evaluated on the
 were not tuned on.
 
 Run: ``python benchmarks/bench_lownfe.py [--quick] [--png lownfe.png]`` (or
-``difsolve bench lownfe``).
+``difsolve bench lownfe``). Parts can run as separate processes (``--problems``, ``--nfe``,
+``--json``) and be combined with ``--merge a.json b.json ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -117,11 +119,13 @@ TUNE_ITERATIONS = 40
 QUICK_TUNED = ("UniPC(2,bh2)",)
 
 
-def run(quick: bool, png: str | None) -> int:
+def run(quick: bool, png: str | None, names=None, nfes=None, out_json=None) -> int:
     torch.set_default_dtype(torch.float64)
-    nfes = (10, 20) if quick else NFES
+    nfes = nfes or ((10, 20) if quick else NFES)
     n_eval = 128 if quick else 256
-    fields = problems()
+    every = problems()
+    names = names or list(every)
+    fields = {k: every[k] for k in names}
     ctx = {}
     for pname, field in fields.items():
         ode = ds.ProbabilityFlowODE(field)
@@ -177,9 +181,9 @@ def run(quick: bool, png: str | None) -> int:
     # tuned grids: tuned on each of ring2d / gmm16, evaluated everywhere
     tuning_log = []
     for label in (QUICK_TUNED if quick else TUNED):
-        for tuned_on in ("ring2d", "gmm16"):
+        for tuned_on in [p for p in ("ring2d", "gmm16") if p in fields]:
             for nfe in nfes:
-                solver = ours[label]() if label in ours else OURS[label]()
+                solver = OURS[label]()
                 t0 = time.perf_counter()
                 grid, info = ds.tune_schedule(fields[tuned_on], solver, nfe, pilots=64,
                                               generator=PILOT_SEED, iterations=TUNE_ITERATIONS,
@@ -200,10 +204,31 @@ def run(quick: bool, png: str | None) -> int:
         print(f"  {label:<14} on {on:<6} NFE {nfe:>2}: {sec:5.1f} s, {info.nfe_reference} + "
               f"{info.nfe_search} NFE, {info.gradients} gradients; pilot RMS "
               f"{info.start_error:.2e} ({info.start_schedule}) -> {info.error:.2e}")
+    if out_json:
+        Path(out_json).write_text(json.dumps({"nfes": list(nfes), "results": results, "medians": [
+            [k[0], k[1], k[2], v] for k, v in medians.items()]}))
+    return report(results, medians, nfes, png)
+
+
+def report(results, medians, nfes, png) -> int:
     summary = _summarise(results, nfes, medians)
     if png:
         _plot(results, summary, nfes, png)
     return 0
+
+
+def merge(paths, png) -> int:
+    """Print the tables and the figure of several ``--json`` runs together."""
+    results, medians, nfes = {}, {}, set()
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        nfes |= set(data["nfes"])
+        for pname, rows in data["results"].items():
+            for label, row in rows.items():
+                results.setdefault(pname, {}).setdefault(label, {}).update(
+                    {int(n): e for n, e in row.items()})
+        medians.update({(p, lab, int(n)): v for p, lab, n, v in data["medians"]})
+    return report(results, medians, tuple(sorted(nfes)), png)
 
 
 def _best(rows, nfe, pick):
@@ -274,8 +299,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="NFE 10 and 20, fewer configs")
     parser.add_argument("--png", default="lownfe.png", help="error-vs-NFE figure ('' for none)")
+    parser.add_argument("--problems", default="", help="comma-separated subset of "
+                        "ring2d,gmm16,demo (grids are tuned on ring2d and gmm16 when present)")
+    parser.add_argument("--nfe", default="", help="comma-separated budgets (default all)")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="only print the tables and figure of these --json files")
     args = parser.parse_args(argv)
-    return run(args.quick, args.png or None)
+    if args.merge:
+        return merge(args.merge, args.png or None)
+    names = [p for p in args.problems.split(",") if p] or None
+    nfes = tuple(int(n) for n in args.nfe.split(",") if n) or None
+    return run(args.quick, args.png or None, names, nfes, args.json or None)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
 from .integrate import solve
 from .solvers.base import Solver, StepContext
+from .solvers.exponential import DEIS, UniPC
 from .solvers.runge_kutta import Dopri5
 
-__all__ = ["TuningInfo", "fixed_grid_nfe", "steps_for_nfe", "tune_schedule"]
+__all__ = ["TuningInfo", "fixed_grid_nfe", "recommended", "steps_for_nfe", "tune_schedule"]
 
 #: named schedules (of :data:`~difsolve.control.SCHEDULES`, defined in sigma) tried as starts
 START_SCHEDULES = ("karras", "logsnr", "polyexponential", "time_uniform")
@@ -212,3 +213,20 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
                       start_error=by_schedule[start], error=math.sqrt(best[0]),
                       errors_by_schedule=by_schedule)
     return (grid, info) if return_info else grid
+
+
+#: the best solver and named schedule per budget, measured on the named schedules only (no
+#: tuning) by ``benchmarks/bench_lownfe.py`` on the EDM ring and 16-D mixture (see
+#: docs/low-nfe.md): (largest budget, solver factory, schedule)
+_RECOMMENDED = (
+    (12, lambda: DEIS(3), "karras"),
+    (math.inf, lambda: UniPC(2, "bh2"), "karras"),
+)
+
+
+def recommended(nfe: int) -> tuple[Solver, str]:
+    """``(solver, schedule)`` to spend a budget of ``nfe`` evaluations on a fixed grid without
+    tuning: the measured best of the multistep family on the named schedules (docs/low-nfe.md).
+    Use ``steps_for_nfe(solver, nfe)`` steps (one evaluation per step for these solvers)."""
+    check_int(nfe, "nfe")
+    return next((make(), schedule) for bound, make, schedule in _RECOMMENDED if nfe <= bound)

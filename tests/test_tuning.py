@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import difsolve as ds
-from difsolve.tuning import fixed_grid_nfe, steps_for_nfe
+from difsolve.tuning import fixed_grid_nfe, recommended, steps_for_nfe
 
 F64 = torch.float64
 
@@ -119,3 +119,15 @@ def test_bad_arguments():
         ds.tune_schedule(NoMixture(), ds.UniPC(2), 10)
     grid = ds.tune_schedule(NoMixture(), ds.UniPC(2), 4, shape=(3,), pilots=4, iterations=2)
     assert grid.shape == (5,)
+
+
+@pytest.mark.parametrize("nfe", [1, 10, 15, 50])
+def test_recommended_spends_the_budget(nfe):
+    solver, schedule = recommended(nfe)
+    assert schedule in ds.SCHEDULES and isinstance(solver, ds.Solver)
+    field = _mixture().score_field(ds.EDM())
+    sol = ds.sample(field, (4, 2), solver=solver, steps=steps_for_nfe(solver, nfe),
+                    schedule=schedule, denoise=False, dtype=F64)
+    assert sol.stats.nfe == nfe and bool(torch.isfinite(sol.x).all())
+    with pytest.raises(ds.DifsolveError, match="nfe"):
+        recommended(0)
