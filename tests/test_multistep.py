@@ -330,3 +330,30 @@ def test_shared_grid_plan_matches_the_per_row_path(edm_problem, solver):
         y, state = st.x, st.state
     torch.testing.assert_close(y, per_row, rtol=1e-13, atol=1e-13)
     assert solver.prepare(ode, torch.cat([grid[:3], grid[2:]])) is None  # repeated time
+
+
+def test_kernel_moments_and_lagrange_weights_against_quadrature():
+    """``M_m = int_0^h e^{-(h-v)} v^m dv`` (and the noise kernel ``e^{h-v}``) on both sides of the
+    series threshold, and the closed-form Lagrange weights against a Vandermonde solve."""
+    from scipy.integrate import quad
+
+    from difsolve.solvers.exponential import data_moments, lagrange_weights, noise_moments
+
+    hs = torch.tensor([-3.0, -2.1, -1.9, -0.6, -1e-3, 0.0, 1e-4, 0.51, 1.9, 2.1, 8.0], dtype=F64)
+    got_d, got_n = data_moments(hs, 6), noise_moments(hs, 6)
+    for i, h in enumerate(hs.tolist()):
+        for m in range(6):
+            exp_d = quad(lambda v, h=h, m=m: math.exp(-(h - v)) * v**m, 0.0, h, epsabs=0,
+                         epsrel=1e-13)[0]
+            exp_n = quad(lambda v, h=h, m=m: math.exp(h - v) * v**m, 0.0, h, epsabs=0,
+                         epsrel=1e-13)[0]
+            assert abs(float(got_d[i, m]) - exp_d) <= 1e-12 * abs(exp_d) + 1e-300, (h, m)
+            assert abs(float(got_n[i, m]) - exp_n) <= 1e-12 * abs(exp_n) + 1e-300, (h, m)
+    nodes = [torch.tensor([0.0, 0.0], dtype=F64), torch.tensor([-0.7, -0.2], dtype=F64),
+             torch.tensor([-1.5, -0.3], dtype=F64), torch.tensor([0.9, 0.4], dtype=F64)]
+    moments = data_moments(torch.tensor([0.9, 0.4], dtype=F64), 4)
+    w = lagrange_weights(nodes, moments)
+    for r in range(2):
+        vand = torch.stack([torch.stack([n[r] ** p for n in nodes]) for p in range(4)])
+        torch.testing.assert_close(w[r], torch.linalg.solve(vand, moments[r]), rtol=1e-12,
+                                   atol=1e-14)

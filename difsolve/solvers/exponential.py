@@ -65,8 +65,8 @@ from .base import Solver, Step
 __all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights"]
 
 #: below this |h| the psi functions are summed from their Taylor series (no cancellation)
-_SERIES_BELOW = 0.5
-_SERIES_TERMS = 14
+_SERIES_BELOW = 2.0
+_SERIES_TERMS = 24
 #: single-step start (Lu et al. 2022, Alg. 1): the points as fractions of h (the start first)
 #: and, per stage and for the final update, the indices of the points it interpolates
 _STARTS = {
