@@ -2,20 +2,27 @@
 
 1. Work-precision on the EDM probability-flow ODE of an exact 8-component 2-D ring mixture
    (sigma 80 -> 0.002, float64): evaluations per sample against RMS endpoint error (tight
-   reference), difsolve against torchdiffeq ``dopri5`` and k-diffusion ``sample_dpm_adaptive`` /
-   ``sample_lms``. For each difsolve point, the best peer's work at the same error is read off the
-   peer's Pareto front by log-log interpolation.
+   reference), difsolve against k-diffusion ``sample_dpm_adaptive`` / ``sample_lms`` (in sigma)
+   and torchdiffeq ``dopri5`` and torchode ``Dopri5`` (integral and PI control) integrating in
+   sigma, in log sigma and in difsolve's ``snr`` coordinates (``w = 1/sigma``, ``z = x/sigma``):
+   the same time variables difsolve uses. torchode's count per sample is what each row's own steps
+   cost (it evaluates every row at every call). For each difsolve point, the best peer's work at
+   the same error is read off each peer's Pareto front by log-log interpolation; the ratio is
+   printed against every peer and against the peers integrating in sigma only.
 2. Batch independence: one stiff sample among easy ones (torchdiffeq shares one step size).
 3. Adaptive SDE (StochasticHeun + PIController, "Gotta Go Fast") against fixed-step
    Euler-Maruyama on a 4-mode ring with unequal weights under VP: mode-weight and mode-width errors
    against the closed form, and the work needed to match Euler-Maruyama with 1000 steps.
 
 Run: ``python benchmarks/bench_adaptive.py [--quick]``.
+
+Expected time: full about 17 min (most of it section 3), --quick about 2 min (one CPU core).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import math
 import sys
@@ -26,7 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _peers import CountingDenoiser, CountingODE, load_k_diffusion_sampling
+from _peers import (
+    CountingDenoiser,
+    load_k_diffusion_sampling,
+    torchdiffeq_solve,
+    torchode_solve,
+)
 from _problems import ring_mixture
 
 import difsolve as ds
@@ -56,8 +68,6 @@ def work_at(front, err):
 def work_precision(batch: int, quick: bool):
     torch.set_default_dtype(torch.float64)
     kd = load_k_diffusion_sampling()
-    from torchdiffeq import odeint
-
     process = ds.EDM()
     field = ring_mixture().score_field(process)
     dyn = ds.ProbabilityFlowODE(field)
@@ -104,12 +114,21 @@ def work_precision(batch: int, quick: bool):
         x = kd.sample_lms(model, x_t.clone(), sig, disable=True)
         rows.append(("k-diffusion lms (karras)", f"steps={n}", float(model.calls), model.calls,
                      err(x), time.perf_counter() - t0))
-    for tol in ([1e-3, 1e-4, 1e-5, 1e-6, 1e-7] if not quick else [1e-5, 1e-6]):
-        f = CountingODE(field)
-        t0 = time.perf_counter()
-        x = odeint(f, x_t, torch.tensor([80.0, 0.002]), rtol=tol, atol=tol, method="dopri5")[-1]
-        rows.append(("torchdiffeq dopri5", f"rtol=atol={tol:g}", float(f.calls), f.calls, err(x),
-                     time.perf_counter() - t0))
+    peer_tols = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7] if not quick else [1e-4, 1e-6]
+    has_torchode = importlib.util.find_spec("torchode") is not None
+    if not has_torchode:
+        print("torchode is not installed (pip install torchode): its rows are left out")
+    for tv in ("t", "log_sigma", "snr"):  # "t" is sigma itself for EDM
+        for tol in peer_tols:
+            t0 = time.perf_counter()
+            x, calls = torchdiffeq_solve(field, x_t, tv, tol)
+            rows.append((f"torchdiffeq dopri5 ({tv})", f"rtol=atol={tol:g}", float(calls), calls,
+                         err(x), time.perf_counter() - t0))
+            for label, pi_coeffs in (("I", None), ("PI", (0.3, 0.4))) if has_torchode else ():
+                t0 = time.perf_counter()
+                x, per_sample, calls = torchode_solve(field, x_t, tv, tol, pi=pi_coeffs)
+                rows.append((f"torchode dopri5 {label} ({tv})", f"rtol=atol={tol:g}", per_sample,
+                             calls, err(x), time.perf_counter() - t0))
 
     print(f"\n## 1. Work-precision, EDM PF-ODE, 8-mode ring, batch {batch}, float64")
     print(f"{'method':30s} {'setting':26s} {'NFE/sample':>10s} {'batched':>8s} {'RMS error':>10s}"
@@ -121,13 +140,15 @@ def work_precision(batch: int, quick: bool):
         if not r[0].startswith("difsolve"):
             peers.setdefault(r[0], []).append((r[2], r[4]))
     fronts = {k: pareto(v) for k, v in peers.items()}
+    in_sigma = {k: f for k, f in fronts.items() if k.startswith("k-diffusion") or k.endswith("(t)")}
     for mine in (HEADLINE, "difsolve Dopri5 (snr)"):
-        _ratios(rows, fronts, mine)
+        _ratios(rows, fronts, mine, "every peer, every time variable")
+        _ratios(rows, in_sigma, mine, "peers integrating in sigma only")
     return rows
 
 
-def _ratios(rows, fronts, mine):
-    print(f"\nwork ratio (best peer's NFE per sample / {mine}'s) at equal error:")
+def _ratios(rows, fronts, mine, which):
+    print(f"\nwork ratio (best peer's NFE per sample / {mine}'s) at equal error, {which}:")
     for r in rows:
         if r[0] != mine:
             continue

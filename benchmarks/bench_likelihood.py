@@ -31,6 +31,9 @@ method is run once on 2 samples first). Run::
 
     python benchmarks/bench_likelihood.py            # d = 8, 64 samples, float32
     python benchmarks/bench_likelihood.py --dim 2 --dtype float64
+    python benchmarks/bench_likelihood.py --quick    # smoke run: 8 samples, d = 4
+
+Expected time: full about 20 s, --quick about 15 s (one CPU core; mostly start-up).
 """
 
 from __future__ import annotations
@@ -99,7 +102,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: at most 8 samples in at most 4 dimensions")
     args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.dim = min(args.batch, 8), min(args.dim, 4)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)

@@ -13,6 +13,8 @@ the solve loop itself: per evaluation, wall time minus the cost of calling the f
 
 Run: ``python benchmarks/bench_overhead.py [--quick]`` (about 1 minute; ``--quick`` a few seconds).
 Figures are ratios within one run; absolute microseconds depend on the machine and its load.
+
+Expected time: full about 1 min, --quick a few seconds.
 """
 
 from __future__ import annotations

@@ -26,9 +26,11 @@ from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
 from .noise import BridgedNoise, FreshNoise, NoiseSource
 from .processes import EDM, VE, VP, DiscreteVP, Poisson, Process, RectifiedFlow, SubVP
+from .restart import Restart, restart_sample
 from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
+    DDIM,
     DEIS,
     IPNDM,
     RK4,
@@ -37,12 +39,15 @@ from .solvers import (
     ButcherTableau,
     Dopri5,
     DPMSolver,
+    DPMSolverSDE,
     EDMStochasticHeun,
     Euler,
+    EulerAncestral,
     EulerMaruyama,
     Heun,
     Langevin,
     Midpoint,
+    SASolver,
     Solver,
     StochasticHeun,
     UniPC,
@@ -53,6 +58,7 @@ from .tuning import TuningInfo, tune_schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDIM",
     "DEIS",
     "EDM",
     "IPNDM",
@@ -69,6 +75,7 @@ __all__ = [
     "ClassifierFreeGuidance",
     "Controller",
     "DPMSolver",
+    "DPMSolverSDE",
     "Decision",
     "Denoiser",
     "DifsolveError",
@@ -77,6 +84,7 @@ __all__ = [
     "Dopri5",
     "EDMStochasticHeun",
     "Euler",
+    "EulerAncestral",
     "EulerMaruyama",
     "ExactTrace",
     "FreshNoise",
@@ -99,7 +107,9 @@ __all__ = [
     "Process",
     "Proposal",
     "RectifiedFlow",
+    "Restart",
     "ReverseSDE",
+    "SASolver",
     "ScoreField",
     "ScoreNetwork",
     "Solution",
@@ -117,6 +127,7 @@ __all__ = [
     "from_diffusers",
     "log_likelihood",
     "problems",
+    "restart_sample",
     "sample",
     "solve",
     "tune_schedule",

@@ -1,81 +1,134 @@
-"""Work-precision diagram: evaluations per sample against endpoint error, for fixed-step and
-per-sample adaptive solvers on the EDM probability-flow ODE of an exact 2-D ring mixture.
+"""Error against work for difsolve and its peers on the EDM probability-flow ODE of a 2-D ring.
 
-The reference is a tight adaptive solve of the same prior draws, so the error is purely the
-solver's. Run ``python examples/work_precision.py [--png work_precision.png]`` (about 20 s).
+Left: fixed budgets (error vs evaluations per sample): difsolve's Heun on the Karras grid (EDM's
+sampler) and DPM-Solver++ 2M / 3M on the log-SNR grid against k-diffusion's ``sample_heun``,
+``sample_dpmpp_2m`` and ``sample_lms`` on its Karras grid. Right: adaptive solvers
+(work-precision): difsolve's per-sample adaptive DPM-Solver++ 4 + corrector and Dopri5 against
+k-diffusion ``sample_dpm_adaptive``, torchdiffeq ``dopri5`` and torchode ``Dopri5`` integrating
+in the same time variables (log sigma and ``snr``: ``w = 1 / sigma``, ``z = x / sigma``; the
+peers' right-hand sides are in benchmarks/_peers.py; torchdiffeq and torchode sweep
+tolerances a decade tighter so that the curves span the same errors). Error: RMS endpoint error at
+sigma_min = 0.002 against a 1e-10 reference solve of the same prior draws (float64). The numbers
+behind the README's ratios are benchmarks/bench_adaptive.py (more tolerances, larger batch).
+
+Run:  python examples/work_precision.py [--quick] [--out DIR]     (about a minute; --quick: s)
 """
 
 from __future__ import annotations
 
-import argparse
-import math
+import sys
+from pathlib import Path
 
 import torch
+from _common import nfe, parse_args, pyplot, reference, ring, rms, save
 
 import difsolve as ds
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from _peers import (  # the peers' adapters live with the benchmarks
+    CountingDenoiser,
+    load_k_diffusion_sampling,
+    torchdiffeq_solve,
+    torchode_solve,
+)
 
-def ring(k: int = 8, radius: float = 2.0, std: float = 0.1) -> ds.GaussianMixture:
-    ang = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
-    means = radius * torch.stack([ang.cos(), ang.sin()], 1)
-    return ds.GaussianMixture(torch.full((k,), 1.0 / k), means, torch.full((k,), std**2))
+PI = {"pcoeff": 0.3, "icoeff": 0.4, "safety": 0.8}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--png", default="work_precision.png")
-    parser.add_argument("--batch", type=int, default=256)
-    args = parser.parse_args(argv)
-
-    process = ds.EDM()
-    dynamics = ds.ProbabilityFlowODE(ring().score_field(process))
-    x_t = process.prior_sample((args.batch, 2), generator=torch.Generator().manual_seed(0),
-                               dtype=torch.float64)
-    t0, t1 = process.t_max, process.t_min
-    reference = ds.solve(dynamics, x_t, t0, t1, solver=ds.Dopri5(), time_variable="snr",
-                         controller=ds.PIController(rtol=1e-11, atol=1e-11)).x
-
-    def point(sol):
-        err = float((sol.x - reference).square().sum(1).mean().sqrt())
-        return float(sol.stats.nfe_per_sample.double().mean()), err
-
+def fixed_budgets(field, x_t, ref, budgets, kd):
+    """``{label: [(NFE per sample, error), ...]}`` for the fixed-step samplers."""
+    p = field.process
+    ode = ds.ProbabilityFlowODE(field)
     curves = {}
-    for name, solver, schedule in [("Heun, Karras grid", ds.Heun(), "karras"),
-                                   ("DPM-Solver++(3M), log-SNR grid", ds.DPMSolver(3), "logsnr")]:
-        curves[name] = [point(ds.solve(dynamics, x_t, t0, t1, solver=solver, steps=n,
-                                       schedule=schedule)) for n in (8, 12, 18, 27, 40, 60, 90)]
-    tols = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
-    pi = {"pcoeff": 0.3, "icoeff": 0.4, "safety": 0.8}
-    for name, solver, tv, extra in [
-            ("Dopri5 adaptive (snr coordinates)", ds.Dopri5(), "snr", {}),
-            ("DPM-Solver++ 4 + corrector, adaptive", ds.DPMSolver(4, corrector=True),
-             "log_sigma", pi)]:
-        curves[name] = [point(ds.solve(dynamics, x_t, t0, t1, solver=solver, time_variable=tv,
-                                       controller=ds.PIController(rtol=tol, atol=tol, **extra)))
-                        for tol in tols]
+    for label, solver, schedule, per_step in [
+            ("difsolve Heun, Karras (EDM)", ds.Heun(), "karras", 2),
+            ("difsolve DPM-Solver++ 2M, log-SNR", ds.DPMSolver(2), "logsnr", 1),
+            ("difsolve DPM-Solver++ 3M, log-SNR", ds.DPMSolver(3), "logsnr", 1)]:
+        curves[label] = [(nfe(sol), rms(sol.x, ref)) for sol in (
+            ds.solve(ode, x_t, p.t_max, p.t_min, solver=solver, steps=n // per_step,
+                     schedule=schedule) for n in budgets)]
+    if kd is None:
+        return curves
+    for label, sampler, per_step in [("k-diffusion heun, Karras", kd.sample_heun, 2),
+                                     ("k-diffusion dpmpp_2m, Karras", kd.sample_dpmpp_2m, 1),
+                                     ("k-diffusion lms, Karras", kd.sample_lms, 1)]:
+        pts = []
+        for n in budgets:
+            model = CountingDenoiser(field)
+            sigmas = kd.get_sigmas_karras(n // per_step + 1, p.t_min, p.t_max)[:-1]  # to sigma_min
+            x = sampler(model, x_t.clone(), sigmas, disable=True)
+            pts.append((float(model.calls), rms(x, ref)))
+        curves[label] = pts
+    return curves
 
-    print(f"{'solver':40s} NFE/sample -> RMS endpoint error")
-    for name, pts in curves.items():
-        print(f"{name:40s} " + "  ".join(f"{n:.0f}:{e:.1e}" for n, e in pts))
+
+def adaptive(field, x_t, ref, tols, kd):
+    """``{label: [(NFE per sample, error), ...]}`` for the adaptive solvers."""
+    p = field.process
+    ode = ds.ProbabilityFlowODE(field)
+    curves = {}
+    peer_tols = [tol / 10 for tol in tols]
+    for label, solver, tv, extra in [
+            ("difsolve DPM-Solver++ 4 + corrector (log sigma)", ds.DPMSolver(4, corrector=True),
+             "log_sigma", PI),
+            ("difsolve Dopri5 (snr)", ds.Dopri5(), "snr", {})]:
+        curves[label] = [(nfe(sol), rms(sol.x, ref)) for sol in (
+            ds.solve(ode, x_t, p.t_max, p.t_min, solver=solver, time_variable=tv,
+                     controller=ds.PIController(rtol=tol, atol=tol, **extra)) for tol in tols)]
+    for tv in ("log_sigma", "snr"):
+        curves[f"torchdiffeq dopri5 ({tv})"] = [
+            (float(c), rms(x, ref)) for x, c in (torchdiffeq_solve(field, x_t, tv, tol)
+                                                 for tol in peer_tols)]
+        try:
+            curves[f"torchode Dopri5, per sample ({tv})"] = [
+                (per, rms(x, ref)) for x, per, _ in (torchode_solve(field, x_t, tv, tol)
+                                                     for tol in peer_tols)]
+        except ImportError:
+            print("torchode is not installed (pip install torchode): left out")
+    if kd is not None:
+        pts = []
+        for tol in tols:
+            model = CountingDenoiser(field)
+            x = kd.sample_dpm_adaptive(model, x_t.clone(), p.t_min, p.t_max, rtol=tol, atol=tol,
+                                       disable=True)
+            pts.append((float(model.calls), rms(x, ref)))
+        curves["k-diffusion dpm_adaptive (sigma)"] = pts
+    return curves
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    torch.set_default_dtype(torch.float64)  # k-diffusion builds its grids in the default dtype
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install difsolve[examples] for the figure")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, pts in curves.items():
-        ax.loglog(*zip(*pts), marker="o", label=name)
-    ax.set_xlabel("field evaluations per sample")
-    ax.set_ylabel("RMS endpoint error at sigma_min")
-    ax.set_title("EDM probability-flow ODE, 8-mode ring")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.png, dpi=120)
-    print(f"wrote {args.png}")
+        kd = load_k_diffusion_sampling()
+    except ImportError as e:
+        print(f"{e}: k-diffusion's samplers are left out")
+        kd = None
+    batch = 64 if args.quick else 256
+    budgets = (10, 20, 40) if args.quick else (8, 12, 16, 24, 32, 48, 64, 96)
+    tols = (1e-2, 1e-4) if args.quick else (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6)
+    field = ring().score_field(ds.EDM())
+    x_t = field.process.prior_sample((batch, 2), generator=torch.Generator().manual_seed(args.seed))
+    ref = reference(field, x_t)
+    panels = {"fixed budgets": fixed_budgets(field, x_t, ref, budgets, kd),
+              "adaptive (tolerance sweep)": adaptive(field, x_t, ref, tols, kd)}
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, (title, curves) in zip(axes, panels.items()):
+        print(f"\n{title}: NFE per sample -> RMS endpoint error")
+        for label, pts in curves.items():
+            print(f"  {label:50s} " + "  ".join(f"{n:.0f}:{e:.1e}" for n, e in pts))
+            mine = label.startswith("difsolve")
+            ax.loglog(*zip(*sorted(pts)), marker="o" if mine else "s", ms=4,
+                      lw=2.2 if mine else 1.0, ls="-" if mine else "--", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("field evaluations per sample")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("RMS endpoint error at sigma_min")
+    fig.suptitle(f"EDM probability-flow ODE, 8-mode ring, batch {batch} (solid: difsolve, "
+                 "dashed: peers)")
+    save(fig, args, "work_precision.png")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,15 @@ def test_the_example_runs_and_agrees_with_ddim(tmp_path, capsys):
     assert diff < ROUNDOFF
     assert (tmp_path / "pretrained_diffusers.png").stat().st_size > 1000
     assert (tmp_path / "pretrained_conditional.png").stat().st_size > 1000
+
+
+@torch.no_grad()
+def test_state_dtype_differs_from_the_model_dtype(unet):
+    """A float64 state with a float32 model: inputs cast to the model, output back to float64."""
+    sched = diffusers.DDIMScheduler()
+    field = ds.from_diffusers(unet, sched)
+    x, t = x_T(), torch.tensor([500.0, 21.0])
+    s32 = field(x, t)
+    s64 = field(x.double(), t.double())
+    assert s64.dtype == torch.float64
+    torch.testing.assert_close(s64, s32.double(), rtol=1e-5, atol=1e-5)

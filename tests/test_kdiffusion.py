@@ -159,3 +159,17 @@ def test_edm_stochastic_heun_churn_matches_kdiffusion(K, problem):
     sol = ds.solve(ode, x_T, proc.t_max, 0.0, solver=solver, steps=sigmas,
                    generator=torch.Generator().manual_seed(1234))
     assert rel(sol.x, out_kd) <= REL_TOL
+
+
+def test_sample_steps_17_is_edms_sampler(K, problem):
+    """The README's claim: EDM's 18 Karras noise levels are 17 Heun steps and a final Euler step
+    to sigma = 0, which is ``ds.sample``'s final denoising step: ``steps=17`` reproduces
+    k-diffusion's ``sample_heun`` on ``get_sigmas_karras(18)`` in 35 evaluations; ``steps=18`` is
+    a different sampler (18 Heun steps, 37 evaluations)."""
+    proc, field, denoiser, x_T = problem
+    out_kd, _ = run_kdiffusion(K.sample_heun, denoiser, x_T, karras_sigmas(K, 18, proc))
+    runs = {steps: ds.sample(field, x_T.shape, solver=ds.Heun(), steps=steps, schedule="karras",
+                             generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            for steps in (17, 18)}
+    assert rel(runs[17].x, out_kd) <= REL_TOL and runs[17].stats.nfe == 35
+    assert rel(runs[18].x, out_kd) > 1e-4 and runs[18].stats.nfe == 37

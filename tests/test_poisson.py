@@ -346,7 +346,7 @@ def _check_lands_on_points(x, D, sigma_min, rho=0.05, slack=0.0):
 @pytest.mark.parametrize("time_variable", ["t", "log_sigma"])
 @pytest.mark.parametrize("D", [1, 8, 128, INF])
 def test_heun_18_karras_steps_lands_on_weighted_points(D, time_variable):
-    """EDM's sampler (Heun, 18 Karras steps) samples the PFGM++ marginal at sigma_min.
+    """Heun on 18 Karras steps samples the PFGM++ marginal at sigma_min.
 
     NFE 36: the grid ends at sigma_min, not at EDM's sigma = 0 (whose last step is Euler: 35).
     In sigma (EDM's time, ``time_variable="t"``) Heun is exact where the denoiser is locally

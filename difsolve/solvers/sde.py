@@ -65,15 +65,20 @@ class StochasticHeun(Solver):
 
 
 class EDMStochasticHeun(Solver):
-    r"""EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) on the probability-flow ODE.
+    r"""EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) on the probability-flow ODE of
+    any process, in EDM's coordinates ``y = x/a`` and ``sigma = b/a``.
 
     At each step with noise level ``sigma`` in ``[s_tmin, s_tmax]``: ``gamma = min(churn/N,
-    sqrt(2) - 1)``, ``sigma_hat = sigma (1 + gamma)``, ``x_hat = x + sqrt(sigma_hat^2 - sigma^2)
-    s_noise z``; then a Heun step from ``sigma_hat`` to the next level (Euler when the next level is
-    ``sigma = 0``). With ``churn=0`` this is Algorithm 1 (deterministic Heun, NFE ``2N - 1`` when the
-    grid ends at 0). Needs a process with ``a(t) = 1`` (VE, EDM, Poisson) and a fixed grid.
-    2 stages; order 2 when ``churn = 0``. It steps in the process time ``t`` only (its noise-level
-    arithmetic is in ``sigma(t)``, as in EDM and k-diffusion): ``time_variables = ("t",)``.
+    sqrt(2) - 1)``, ``sigma_hat = sigma (1 + gamma)``, ``y_hat = y + sqrt(sigma_hat^2 - sigma^2)
+    s_noise z``; then a Heun step of ``dy/dsigma`` from ``sigma_hat`` to the next level (Euler when
+    the next level is ``sigma = 0``), ``dy/dsigma = (drift(x, t) - f(t) x) / (a dsigma/dt)``
+    (``= (y - D)/sigma`` for a probability-flow ODE). For ``a = 1`` and ``sigma = t`` (EDM) this is
+    Algorithm 2 verbatim; on VP, sub-VP, VE or Poisson it is the same algorithm after the change of
+    variables, so a VP run equals the EDM run of ``y`` on the same noise levels. With ``churn=0``
+    it is Algorithm 1 (deterministic Heun in sigma, NFE ``2N - 1`` when the grid ends at 0).
+    2 stages; order 2 when ``churn = 0``; needs a fixed grid when ``churn > 0``. Its noise ``z``
+    comes from the solve's generator. ``time_variables = ("t",)``: the grid is given in the
+    process time and the arithmetic is in sigma.
     """
 
     order = 2
@@ -93,36 +98,47 @@ class EDMStochasticHeun(Solver):
     def check_dynamics(self, dynamics) -> None:
         super().check_dynamics(dynamics)
         process = getattr(dynamics, "process", None)
-        if process is None or not getattr(process, "unit_scale", False):
+        if process is None:
             raise IncompatibleError(
-                "argument `solver`: EDMStochasticHeun needs a ProbabilityFlowODE whose process "
-                "has a(t) = 1 (VE, EDM or Poisson)")
+                "argument `solver`: EDMStochasticHeun needs a ProbabilityFlowODE (dynamics with a "
+                "`process`)")
         if self.churn > 0 and not getattr(getattr(dynamics, "field", None), "exact_score", True):
             raise IncompatibleError(
                 "argument `solver`: EDMStochasticHeun with churn > 0 injects Gaussian noise, "
                 "which needs an exact score field; this field has exact_score=False")
 
+    @staticmethod
+    def _dy_dsigma(dynamics, process, x, t, a):
+        """``dy/dsigma`` of ``y = x/a`` along the ODE: ``(drift - f x) / (a dsigma/dt)``."""
+        # for EDM (a = 1, f = 0, dsigma/dt = 1) this is the drift itself, bit for bit
+        f = process.drift_coef(t)
+        return (dynamics.drift(x, t) - bcast(f, x) * x) / bcast(a * process.dsigma_dt(t), x)
+
     def step(self, dynamics, x, t, h, state, dw, ctx: StepContext):
         process = dynamics.process
         t_next = t + h
-        nfe = 0
+        a, b = process.marginal(t)
+        sigma = b / a
+        y = x / bcast(a, x)
         if self.churn > 0:
             if ctx.n_steps is None:
                 raise IncompatibleError(
                     "argument `solver`: EDMStochasticHeun with churn > 0 needs a fixed grid")
-            sigma = process.sigma(t)
             gamma = min(self.churn / ctx.n_steps, math.sqrt(2.0) - 1.0)
             inside = (sigma >= self.s_tmin) & (sigma <= self.s_tmax)
             sigma_hat = torch.where(inside, sigma * (1.0 + gamma), sigma)
-            t = process.t_of_sigma(sigma_hat)
+            t = torch.where(inside, process.t_of_sigma(sigma_hat), t)
             noise = (sigma_hat.square() - sigma.square()).clamp(min=0).sqrt() * self.s_noise
-            x = x + bcast(noise, x) * ctx.randn_like(x)
-        hb = bcast(t_next - t, x)
-        d1 = dynamics.drift(x, t)
-        x_euler = x + hb * d1
-        nfe += 1
+            y = y + bcast(noise, x) * ctx.randn_like(x)
+            sigma = sigma_hat
+            a = process.marginal(t)[0]
+        a_next, b_next = process.marginal(t_next)
+        sigma_next = b_next / a_next
+        ds_ = bcast(sigma_next - sigma, x)
+        d1 = self._dy_dsigma(dynamics, process, bcast(a, x) * y, t, a)
+        y_euler = y + ds_ * d1
         last = ctx.final_sigma_zero and ctx.n_steps is not None and ctx.index == ctx.n_steps - 1
         if last:
-            return Step(x_euler, None, (), nfe)
-        d2 = dynamics.drift(x_euler, t_next)
-        return Step(x + 0.5 * hb * (d1 + d2), None, (), nfe + 1)
+            return Step(bcast(a_next, x) * y_euler, None, (), 1)
+        d2 = self._dy_dsigma(dynamics, process, bcast(a_next, x) * y_euler, t_next, a_next)
+        return Step(bcast(a_next, x) * (y + 0.5 * ds_ * (d1 + d2)), None, (), 2)
