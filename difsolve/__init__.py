@@ -31,6 +31,8 @@ from .sample import sample
 from .solution import Solution, Stats, Status
 from .solvers import (
     DDIM,
+    DEIS,
+    IPNDM,
     RK4,
     AnnealedLangevin,
     Bosh3,
@@ -48,14 +50,18 @@ from .solvers import (
     SASolver,
     Solver,
     StochasticHeun,
+    UniPC,
     annealed_langevin,
 )
+from .tuning import TuningInfo, tune_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DDIM",
+    "DEIS",
     "EDM",
+    "IPNDM",
     "RK4",
     "SCHEDULES",
     "VE",
@@ -112,6 +118,8 @@ __all__ = [
     "Status",
     "StochasticHeun",
     "SubVP",
+    "TuningInfo",
+    "UniPC",
     "annealed_langevin",
     "convergence",
     "diffusers_timesteps",
@@ -122,4 +130,5 @@ __all__ = [
     "restart_sample",
     "sample",
     "solve",
+    "tune_schedule",
 ]

@@ -6,7 +6,14 @@ Schedules for ``steps=N`` (``N + 1`` times from ``t0`` to ``t1``, per sample):
 * ``"karras"``: ``sigma_i = (s_0^(1/rho) + i/N (s_1^(1/rho) - s_0^(1/rho)))^rho``, ``rho = 7``
   (Karras et al. 2022, eq. 5), mapped back to ``t``;
 * ``"logsnr"``: uniform in ``log sigma`` (= uniform in the log-SNR ``lambda``);
-* ``"quadratic"``: quadratic in ``t``, dense at the data end (smaller ``t``), as in DDIM.
+* ``"quadratic"``: quadratic in ``t``, dense at the data end (smaller ``t``), as in DDIM;
+* ``"time_uniform"``: uniform in the time of the score_sde VP process (``beta`` 0.1 to 20) with the
+  same sigma end points (DPM-Solver's ``"time_uniform"``, for any process);
+* ``"polyexponential"``: ``log sigma`` a power ``rho = 2`` of the uniform ramp (k-diffusion's
+  ``get_sigmas_polyexponential``; ``rho = 1`` is ``"logsnr"``), denser at the data end.
+
+Tuned grids (optimised for a solver and a budget on pilot trajectories) are
+:func:`difsolve.tune_schedule`.
 
 :class:`PIController` adapts a per-sample step from an embedded error estimate (Hairer, Norsett &
 Wanner I, II.4; Soderlind, *Digital filters in adaptive time-stepping*, 2003).
@@ -31,12 +38,14 @@ from ._errors import (
     check_positive,
 )
 from ._tensor import bcast, rms
+from .processes import VP
 from .solution import Status
 
 __all__ = ["SCHEDULES", "Controller", "Decision", "PIController", "Proposal", "make_grid"]
 
-SCHEDULES = ("uniform", "karras", "logsnr", "quadratic")
+SCHEDULES = ("uniform", "karras", "logsnr", "quadratic", "time_uniform", "polyexponential")
 KARRAS_RHO = 7.0
+POLYEXPONENTIAL_RHO = 2.0
 
 
 def make_grid(schedule: str, steps: int, t0: torch.Tensor, t1: torch.Tensor,
@@ -61,8 +70,13 @@ def make_grid(schedule: str, steps: int, t0: torch.Tensor, t1: torch.Tensor,
         if schedule == "karras":
             r = 1.0 / KARRAS_RHO
             sig = (s0**r + frac * (s1**r - s0**r)) ** KARRAS_RHO
+        elif schedule == "time_uniform":
+            vp = VP()
+            u0, u1 = vp.t_of_sigma(s0), vp.t_of_sigma(s1)
+            sig = vp.sigma(u0 + frac * (u1 - u0))
         else:
-            sig = torch.exp(torch.log(s0) + frac * (torch.log(s1) - torch.log(s0)))
+            ramp = frac if schedule == "logsnr" else 1.0 - (1.0 - frac) ** POLYEXPONENTIAL_RHO
+            sig = torch.exp(torch.log(s0) + ramp * (torch.log(s1) - torch.log(s0)))
         grid = process.t_of_sigma(sig)
     grid[0], grid[-1] = t0, t1  # exact end points
     return grid

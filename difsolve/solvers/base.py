@@ -5,6 +5,9 @@ A solver advances ``x`` from per-sample time ``t`` by a per-sample step ``h`` (b
     state, nfe = solver.init(dynamics, x, t, ctx)
     step = solver.step(dynamics, x, t, h, state, dw, ctx)   # -> Step(x, error, state, nfe)
 
+On a fixed grid shared by the batch the loop may first set ``ctx.plan = solver.prepare(dynamics,
+grid)`` (precomputed per-step coefficients, e.g. the multistep quadrature weights).
+
 ``state`` is a tuple of tensors whose first dimension is the batch (e.g. the FSAL derivative of
 Dopri5, or the history of a multistep method); the loop keeps it for accepted samples and rolls it
 back for rejected ones, and may select rows of it. ``dw`` is the Brownian increment over the step
@@ -50,6 +53,7 @@ class StepContext:
     final_sigma_zero: bool = False  # the grid ends at sigma = 0 (EDM's last Euler step)
     stream: object | None = None
     rows: torch.Tensor | None = None
+    plan: object = None  # what ``solver.prepare(dynamics, grid)`` returned for a shared grid
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         if self.stream is not None:
@@ -119,6 +123,11 @@ class Solver:
     def step(self, dynamics, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, state: State,
              dw: torch.Tensor | None, ctx: StepContext) -> Step:
         raise NotImplementedError
+
+    def prepare(self, dynamics, grid: torch.Tensor) -> object:
+        """Work shared by every step of a fixed grid common to the batch (``grid``: ``(n + 1,)``
+        in the integration variable), handed back as ``StepContext.plan``; None: nothing."""
+        return None
 
     def first_step(self, dynamics, t: torch.Tensor, span: torch.Tensor) -> torch.Tensor | None:
         """Size ``|h|`` of the first adaptive step if the solver knows a good one (else None:

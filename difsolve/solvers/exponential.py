@@ -1,91 +1,134 @@
-r"""DPM-Solver++ multistep exponential integrators (data-prediction form), optionally with a free
-corrector that also gives an embedded error estimate for per-sample adaptive steps.
+r"""Multistep exponential integrators of the probability-flow ODE, in one construction:
+DPM-Solver++ (2M midpoint / heun, 3M), UniPC (bh1 / bh2, any order), DEIS (tAB) and iPNDM.
 
-With ``lambda = log(a/b)`` and the data prediction ``D = x0(x, t)``, the probability-flow ODE has
-the exact solution (Lu et al. 2022, eq. 9)
+With ``lambda = log(a/b)``, ``v = lambda - lambda_s`` and ``h = lambda_t - lambda_s``, the ODE has
+two exact integral forms (Lu et al. 2022, eqs. 9 and 3.4):
 
-``x_t = (b_t / b_s) x_s + a_t int_0^h e^{-(h - v)} D(lambda_s + v) dv``,  ``h = lambda_t - lambda_s``.
+* data form:  ``x_t = (b_t/b_s) x_s + a_t int_0^h e^{-(h-v)} D(v) dv``  (``D``: data prediction);
+* noise form: ``x_t = (a_t/a_s) x_s - b_t int_0^h e^{(h-v)} eps(v) dv``  (``eps = (x - a D)/b``).
 
-A multistep method replaces ``D`` by the polynomial interpolating the data predictions at the last
-``k`` points (nodes ``0, -h_1, -h_1 - h_2, ...`` in ``v``) and integrates it exactly against the
-exponential weight: with ``psi_1 = 1 - e^{-h}`` and ``psi_{j+1} = h^j / j! - psi_j`` (Taylor series
-for small ``|h|``), ``int_0^h e^{-(h-v)} v^j dv = j! psi_{j+1}``, so the weights of the ``k`` values
-solve a ``k x k`` Vandermonde system per sample. Variable steps, per-sample histories and every
-order share this one construction. Order ``k`` costs one field evaluation per step.
+A linear multistep method stores ``F`` (``D`` or ``eps``) at nodes ``v_j`` (``v_0 = 0`` the
+current point, then the past ones) and integrates the interpolating polynomial against the
+kernel ``K``: ``x_t = A x_s + C sum_j w_j F_j`` with the integrated Lagrange basis
 
-``corrector=True`` adds the evaluation at the predicted point as one more node (the UniC idea of
-Zhao et al., *UniPC*, 2023): the corrected value has order ``k + 1`` at no extra cost, and
-``corrected - predicted`` (the predictor's local error) is an embedded error estimate, so the
-method runs under a :class:`~difsolve.PIController` with one evaluation per attempted step (a
-rejected step reuses the cached prediction at its start). The next step uses the evaluation at the
-predicted point, as UniPC does.
+``w_j = sum_m c_jm M_m / prod_{i != j} (v_j - v_i)``,  ``prod_{i != j} (v - v_i) = sum_m c_jm v^m``,
 
-References: Lu et al., *DPM-Solver++* (2022), Alg. 2; Zhao et al., *UniPC* (2023); Hochbruck &
-Ostermann, *Exponential integrators*, Acta Numerica 19 (2010), section 2.
+in closed form from the kernel moments ``M_m = int_0^h K(v) v^m dv`` (data kernel:
+``M_m = m! psi_{m+1}(h)``, ``psi_1 = 1 - e^{-h}``, ``psi_{m+1} = h^m/m! - psi_m``; noise kernel:
+``(-1)^{m+1} M_m(-h)``). No linear solve; a zero-length step has zero moments, so that row stays
+put. The published methods differ only in the form, the nodes and the moments:
+
+* DPM-Solver++ (Lu et al. 2022b), data form: ``variant="heun"`` is the exact moments (order
+  ``k``); ``variant="midpoint"`` replaces ``M_1`` by ``h M_0 / 2`` at order 2 (2M midpoint:
+  ``D = (1 + 1/(2r)) D_0 - D_1/(2r)`` times ``psi_1``; the reference code, diffusers
+  ``solver_type="midpoint"``, k-diffusion ``sample_dpmpp_2m``) and ``M_2`` by ``M_2 / 2`` at
+  order 3 (the reference's multistep third-order update, whose ``D2`` term carries half the
+  quadratic's exact weight: local error ``h^3/12 D''``, so it is formally of order 2; its error
+  sums to ``h^2/12 (D'(end) - D'(start))``, which vanishes where the data prediction is flat at
+  both ends, as from pure noise to the data).
+* UniPC (Zhao et al. 2023), data form: UniP-``k`` is the exact moments except at ``k = 2``,
+  where ``M_1 = h B(h)/2`` with ``B(h) = h`` (bh1) or ``psi_1(h) = 1 - e^{-h}`` (bh2, which is the
+  2M midpoint); the UniC corrector adds the evaluation at the predicted point as the node ``h``
+  (order ``k + 1`` at no cost; at ``k = 1`` the same ``B(h)/2`` rule). The next step reuses that
+  evaluation; the corrector is not applied after the last step of a fixed grid.
+* DEIS tAB (Zhang & Chen 2023; diffusers ``DEISMultistepScheduler``): noise form, ``eps``
+  interpolated in ``log sigma = -lambda`` and integrated exactly (order ``k``).
+* iPNDM (Zhang & Chen 2023; Zhou et al. 2024, AMED): the EDM ODE ``d(x/a)/dsigma = eps`` with the
+  fixed-step Adams-Bashforth coefficients (nodes ``0, -1, -2, ...`` in units of the current step,
+  moments ``1/(m+1)``, scaled by ``sigma_t - sigma_s``), whatever the step ratios.
+
+Every method costs one field evaluation per step and starts with the lower orders its history
+allows (the published warm-up; from pure noise the data prediction is nearly constant, so this
+costs little). ``start="singlestep"`` makes the first step of a fixed grid a single-step
+DPM-Solver of order ``order - 1`` (2S: ``1/2``; 3S: ``1/3, 2/3`` with the final nodes
+``0, 2/3``; Lu et al. 2022, Alg. 1), whose last stage joins the history: then the method has its
+full order (up to 4) from any start time, for ``order - 2`` (at most 2) more evaluations.
+``lower_order_final=True`` lowers the order to the number of steps left (diffusers' default for
+UniPC, and for DPM-Solver++/DEIS below 15 steps).
+
+References: Lu et al., *DPM-Solver* (2022) and *DPM-Solver++* (2022b); Zhao et al., *UniPC*
+(2023); Zhang & Chen, *DEIS* (2023); Zhou et al., *AMED* (2024); Hochbruck & Ostermann,
+*Exponential integrators*, Acta Numerica 19 (2010).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .._errors import IncompatibleError, check
+from .._errors import ArgumentTypeError, IncompatibleError, check
 from .._tensor import bcast
 from .base import Solver, Step
 
-__all__ = ["DPMSolver"]
+__all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights"]
 
 #: below this |h| the psi functions are summed from their Taylor series (no cancellation)
-_SERIES_BELOW = 0.5
-_SERIES_TERMS = 12
+_SERIES_BELOW = 2.0
+_SERIES_TERMS = 24
+#: single-step start (Lu et al. 2022, Alg. 1): the points as fractions of h (the start first)
+#: and, per stage and for the final update, the indices of the points it interpolates
+_STARTS = {
+    2: ((0.0, 0.5), ((0,), (0, 1))),
+    3: ((0.0, 1 / 3, 2 / 3), ((0,), (0, 1), (0, 2))),
+}
 
 
-def _psi_moments(h: torch.Tensor, k: int) -> torch.Tensor:
-    """``m_j = int_0^h e^{-(h-v)} (v/h)^j dv = j! psi_{j+1}(h) / h^j`` for ``j < k``: ``(B, k)``.
+def data_moments(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``M_m = int_0^h e^{-(h-v)} v^m dv = m! psi_{m+1}(h)`` for ``m < k``: ``(B, k)``.
 
-    Forward recurrence ``psi_{j+1} = h^j/j! - psi_j`` where ``|h|`` is not small; for small ``|h|``
-    the top ``psi_k`` from its Taylor series and the backward recurrence
-    ``psi_j = h^j/j! - psi_{j+1}``, which does not cancel there.
+    Forward recurrence ``psi_{m+1} = h^m/m! - psi_m`` where ``|h|`` is not small; for small ``|h|``
+    the top ``psi_k`` from its Taylor series and the backward recurrence, which does not cancel.
     """
     small = h.abs() < _SERIES_BELOW
     hs = torch.where(small, h, torch.zeros_like(h))
-    # series psi_k(h) = h^k sum_i (-h)^i / (k+i)!, summed by Horner
+    hl = torch.where(small, torch.ones_like(h), h)
     acc = torch.full_like(h, 1.0 / math.factorial(k + _SERIES_TERMS))
-    for i in range(_SERIES_TERMS - 1, -1, -1):
+    for i in range(_SERIES_TERMS - 1, -1, -1):  # psi_k = h^k sum_i (-h)^i / (k+i)!, by Horner
         acc = 1.0 / math.factorial(k + i) - hs * acc
     back = [hs**k * acc]
     for j in range(k - 1, 0, -1):
         back.append(hs**j / math.factorial(j) - back[-1])
-    back.reverse()  # psi_1 .. psi_k on the small-h branch
-    fwd = [-torch.expm1(-h)]
+    back.reverse()  # psi_1 .. psi_k
+    fwd = [-torch.expm1(-hl)]
     for j in range(1, k):
-        fwd.append(h**j / math.factorial(j) - fwd[-1])
-    safe = torch.where(h == 0, torch.ones_like(h), h)
-    return torch.stack([math.factorial(j) * torch.where(small, back[j], fwd[j]) / safe**j
+        fwd.append(hl**j / math.factorial(j) - fwd[-1])
+    return torch.stack([math.factorial(j) * torch.where(small, back[j], fwd[j])
                         for j in range(k)], dim=1)
 
 
-def _weights(node_sets: list[torch.Tensor], moments: torch.Tensor) -> torch.Tensor:
-    """Quadrature weights ``w`` with ``sum_j w_j P(v_j) = int e^{-(h-v)} P(v) dv`` for every
-    polynomial ``P`` of degree ``< k`` (nodes scaled by ``h``), for several node sets at once.
+def noise_moments(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``N_m = int_0^h e^{h-v} v^m dv = (-1)^{m+1} M_m(-h)``: ``(B, k)``."""
+    sign = torch.tensor([(-1.0) ** (m + 1) for m in range(k)], dtype=h.dtype, device=h.device)
+    return data_moments(-h, k) * sign
 
-    ``node_sets[i]`` is ``(B, k_i)``; returns ``(len(node_sets), B, m)`` with ``m = max k_i``,
-    zero-padded. One batched solve of ``V^T w = m`` (smaller systems padded with the identity).
+
+def lagrange_weights(nodes: list, moments: torch.Tensor) -> torch.Tensor:
+    """``w_j = int K L_j`` for the Lagrange basis ``L_j`` of ``nodes`` (``k`` tensors ``(B,)``, or
+    numbers) from the kernel moments ``moments[:, m] = int K v^m`` (``m < k``): ``(B, k)``.
+
+    Closed form, no linear solve: the coefficients of ``prod_{i != j} (v - v_i)`` by synthetic
+    division of ``prod_i (v - v_i)`` by ``v - v_j``, divided by ``prod_{i != j} (v_j - v_i)``.
     """
-    m = max(n.shape[1] for n in node_sets)
-    batch = moments.shape[0]
-    eye = torch.eye(m, device=moments.device, dtype=moments.dtype)
-    systems, rhs = [], []
-    for nodes in node_sets:
-        k = nodes.shape[1]
-        powers = torch.arange(k, device=nodes.device, dtype=nodes.dtype)
-        vt = (nodes[:, :, None] ** powers).mT  # (B, k, k): V^T[i, j] = v_j^i
-        full = eye.expand(batch, m, m).clone()
-        full[:, :k, :k] = vt
-        systems.append(full)
-        rhs.append(torch.nn.functional.pad(moments[:, :k], (0, m - k)))
-    return torch.linalg.solve(torch.stack(systems), torch.stack(rhs)[..., None])[..., 0]
+    k = len(nodes)
+    one = torch.ones_like(moments[:, 0])
+    v = torch.stack([n * one for n in nodes], dim=1)  # (B, k)
+    full = one[:, None]  # coefficients of prod_i (v - v_i), low to high
+    zero = torch.zeros_like(full)
+    for i in range(k):
+        full = torch.cat([zero, full], 1) - v[:, i:i + 1] * torch.cat([full, zero], 1)
+    q = [full[:, k:k + 1].expand(-1, k)]  # quotient coefficients, high to low, for every j
+    for m in range(k - 1, 0, -1):
+        q.append(full[:, m:m + 1] + v * q[-1])
+    quotient = torch.stack(q[::-1], dim=2)  # (B, j, m)
+    diff = v[:, :, None] - v[:, None, :] + torch.eye(k, dtype=v.dtype, device=v.device)
+    return (quotient * moments[:, None, :k]).sum(2) / diff.prod(2)
+
+
+def _replace(moments: torch.Tensor, j: int, value: torch.Tensor) -> torch.Tensor:
+    """``moments`` with column ``j`` replaced (out of place, so autograd can see through it)."""
+    return torch.cat([moments[:, :j], value[:, None], moments[:, j + 1:]], dim=1)
 
 
 def _unwrap(dynamics):
@@ -95,106 +138,370 @@ def _unwrap(dynamics):
     return inner.process, inner.denoise, (to_t if to_t is not None else (lambda t: t))
 
 
-class DPMSolver(Solver):
-    """Multistep DPM-Solver++ of ``order`` 1-4 on the probability-flow ODE; 1 NFE per step.
+def _check_order(order, name: str, allowed: tuple[int, ...]) -> int:
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise ArgumentTypeError(f"argument `{name}` must be an int in {allowed}, got {order!r}")
+    check(order in allowed, name, f"one of {allowed}", order)
+    return order
 
-    ``corrector=True`` adds the free UniC corrector: order ``order + 1``, an embedded error
-    estimate (usable with a controller; error order ``order + 1``). The first steps use the orders
-    the history allows. Integrates in ``t`` or, for step control, ``time_variable="log_sigma"``.
+
+def _weight_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+@dataclass
+class _Plan:
+    """Per-step weights ``(n, p)`` / ``(n, p + 1)`` and scale factors ``(n,)`` of a shared grid."""
+
+    predictor: torch.Tensor
+    corrector: torch.Tensor | None
+    scale_x: torch.Tensor
+    scale_f: torch.Tensor
+
+
+class Multistep(Solver):
+    """One construction for the linear multistep exponential integrators (see the module doc).
+
+    Subclasses choose the ``form`` (``"data"`` or ``"noise"``) and may change the moments
+    (:meth:`predictor_moments`, :meth:`corrector_moments`) or the weights
+    (:meth:`predictor_weights`). State: ``(F_0, lambda_0, F_1..F_m, lambda_1..lambda_m, count)``
+    with ``m = order - 1`` past values and ``count`` the history length per sample.
     """
 
-    order = 2  # of the default instance; an instance's order is ``order + corrector``
+    form = "data"
     stages = 1
     native_time = True
     time_variables = ("t", "log_sigma")
+    #: apply the corrector after the last step of a fixed grid (it costs one more evaluation)
+    final_corrector = False
 
-    def __init__(self, order: int = 2, corrector: bool = False):
-        check(order in (1, 2, 3, 4), "order", "1, 2, 3 or 4", order)
-        check(isinstance(corrector, bool), "corrector", "a bool", corrector)
-        self.predictor_order = order
+    def __init__(self, order: int, corrector: bool, start: str, lower_order_final: bool,
+                 orders: tuple[int, ...]):
+        self.predictor_order = _check_order(order, "order", orders)
+        if not isinstance(corrector, bool):
+            raise ArgumentTypeError(f"argument `corrector` must be a bool, got {corrector!r}")
+        check(start in ("multistep", "singlestep"), "start", "'multistep' or 'singlestep'", start)
+        if not isinstance(lower_order_final, bool):
+            raise ArgumentTypeError(
+                f"argument `lower_order_final` must be a bool, got {lower_order_final!r}")
         self.corrector = corrector
+        self.start = start
+        self.lower_order_final = lower_order_final
         self.order = order + 1 if corrector else order
         self.adaptive = corrector
+
+    # ----- what distinguishes the methods ---------------------------------------------------
+
+    def predictor_moments(self, moments: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Moments used by the order-``k`` predictor (default: exact)."""
+        return moments
+
+    def corrector_moments(self, moments: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Moments used by the corrector of predictor order ``k`` (default: exact)."""
+        return moments
+
+    def moments(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        return data_moments(h, k) if self.form == "data" else noise_moments(h, k)
+
+    def predictor_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
+                          moments: torch.Tensor) -> torch.Tensor:
+        """Weights ``(B, k)`` of ``F_0, F_1, ...`` for the order-``k`` predictor (``moments``:
+        the exact kernel moments, at least ``k`` of them)."""
+        m = self.predictor_moments(moments[:, :k], h, k)
+        return lagrange_weights([torch.zeros_like(h), *past[:k - 1]], m)
+
+    def corrector_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
+                          moments: torch.Tensor) -> torch.Tensor:
+        """Weights ``(B, k + 1)`` of ``F_new, F_0, F_1, ...`` (UniC with ``k + 1`` nodes)."""
+        m = self.corrector_moments(moments[:, :k + 1], h, k)
+        node = torch.where(h == 0, torch.ones_like(h), h)  # h = 0: zero moments, zero weights
+        return lagrange_weights([node, torch.zeros_like(h), *past[:k - 1]], m)
+
+    # ----- the shared machinery ---------------------------------------------------------------
 
     def check_dynamics(self, dynamics) -> None:
         super().check_dynamics(dynamics)
         inner = getattr(dynamics, "inner", dynamics)
         if not callable(getattr(inner, "denoise", None)) or not hasattr(inner, "process"):
             raise IncompatibleError(
-                "argument `solver`: DPMSolver needs a ProbabilityFlowODE (dynamics with "
-                "`denoise(x, t)` and a `process`)")
+                f"argument `solver`: {type(self).__name__} needs a ProbabilityFlowODE (dynamics "
+                "with `denoise(x, t)` and a `process`)")
 
     def first_step(self, dynamics, t, span):
         """In ``log sigma`` time: ``min(1, span)`` (a factor ``e`` in sigma). Sampling starts
         where the noise dominates the data, so the data prediction is nearly constant and an
-        exponential integrator is nearly exact there; this replaces the controller's two-evaluation
-        estimate (measured on the EDM ring benchmark: 3-4 fewer evaluations per sample at equal
-        error). In ``t`` time: None (the controller's estimate)."""
+        exponential integrator is nearly exact there; this replaces the controller's
+        two-evaluation estimate. In ``t`` time: None (the controller's estimate)."""
         if getattr(dynamics, "to_t", None) is None:
             return None
         return span.clamp(max=1.0)
 
-    def _lam(self, process, t):
+    def nfe(self, steps: int) -> int:
+        """Field evaluations of a fixed grid of ``steps`` steps (initial evaluation included)."""
+        extra = 0
+        if self.start == "singlestep" and self._start_order() >= 2:
+            extra = len(_STARTS[self._start_order()][0]) - 1
+        final = 1 if (self.corrector and self.final_corrector) else 0
+        return steps + extra + final
+
+    def _start_order(self) -> int:
+        return min(self.order - 1, 3)
+
+    def _field_value(self, d, x, a, b):
+        if self.form == "data":
+            return d
+        return (x - bcast(a, x) * d) / bcast(b, x)
+
+    def _coefs(self, a_s, b_s, a_t, b_t):
+        """``(A, C)`` of ``x_t = A x_s + C sum_j w_j F_j``."""
+        if self.form == "data":
+            return b_t / b_s, a_t
+        return a_t / a_s, -b_t
+
+    @staticmethod
+    def _marginal(process, t):
         a, b = process.marginal(t)
         return a, b, torch.log(a) - torch.log(b)
 
     def init(self, dynamics, x, t, ctx):
         process, denoise, to_t = _unwrap(dynamics)
         t = to_t(t)
-        d0 = denoise(x, t)
-        lam = self._lam(process, t)[2]
-        hist = self.predictor_order - 1
-        return (d0, lam, *([torch.zeros_like(x)] * hist), *([torch.zeros_like(lam)] * hist),
+        a, b, lam = self._marginal(process, t)
+        f0 = self._field_value(denoise(x, t), x, a, b)
+        m = self.predictor_order - 1
+        return (f0, lam, *([torch.zeros_like(x)] * m), *([torch.zeros_like(lam)] * m),
                 torch.zeros_like(lam)), 1
+
+    def _combine(self, x, scale_x, scale_f, weights, values):
+        acc = _acc_dtype(x)
+        total = bcast(weights[:, 0], x).to(acc) * values[0].to(acc)
+        for j in range(1, len(values)):
+            total = total + bcast(weights[:, j], x).to(acc) * values[j].to(acc)
+        out = bcast(scale_x, x).to(acc) * x.to(acc) + bcast(scale_f, x).to(acc) * total
+        return out.to(x.dtype)
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
         process, denoise, to_t = _unwrap(dynamics)
-        p = self.predictor_order
-        d0, lam_s = state[0], state[1]
-        d_hist, lam_hist, count = state[2:1 + p], state[1 + p:2 * p], state[-1]
+        p, m = self.predictor_order, self.predictor_order - 1
+        f0, lam_s = state[0], state[1]
+        f_hist, lam_hist, count = state[2:2 + m], state[2 + m:2 + 2 * m], state[-1]
         t_next = to_t(t + h)
-        _, b_s, _ = self._lam(process, to_t(t))
-        a_t, b_t, lam_t = self._lam(process, t_next)
-        hh = lam_t - lam_s
-        wdtype = torch.float64 if hh.device.type != "mps" else hh.dtype
-        h64 = hh.to(wdtype)
-        safe_h = torch.where(h64 == 0, torch.ones_like(h64), h64)
-        # past nodes scaled by h (distinct dummies where the history is not there yet)
-        past = [((lam.to(wdtype) - lam_s.to(wdtype)) / safe_h) for lam in lam_hist]
-        past = [torch.where(count > j, v, torch.full_like(v, 1e3 * (j + 2)))
-                for j, v in enumerate(past)]
-        order_now = torch.clamp(count + 1, max=p)  # usable predictor order per sample
-        moments = _psi_moments(h64, p + 1)
-        values = [d0, *d_hist]
-        zero_nodes = torch.zeros_like(h64)
-
-        rows = torch.arange(h64.shape[0], device=h64.device)
-        use = (order_now - 1).long()
-        pred_nodes = [zero_nodes, *past]
-        sets = [torch.stack(pred_nodes[:k], dim=1) for k in range(1, p + 1)]
-        if self.corrector:
-            corr_nodes = [torch.ones_like(h64), *pred_nodes]
-            sets += [torch.stack(corr_nodes[:k + 1], dim=1) for k in range(1, p + 1)]
-        weights = _weights(sets, moments).to(x.dtype)  # one batched solve for all of them
-
-        def combine(w, vals):
-            total = bcast(w[:, 0], x) * vals[0]
-            for j in range(1, len(vals)):
-                total = total + bcast(w[:, j], x) * vals[j]
-            return total
-
-        ratio = bcast(b_t / b_s, x) * x
-        x_pred = ratio + bcast(a_t, x) * combine(weights[use, rows], values)
-        last_fixed = (not self.corrector and ctx.n_steps is not None
-                      and ctx.index == ctx.n_steps - 1)
-        if last_fixed:  # nothing needs the prediction at the final point
-            d_new, nfe = torch.zeros_like(x), 0
+        a_s, b_s, _ = self._marginal(process, to_t(t))
+        a_t, b_t, lam_t = self._marginal(process, t_next)
+        wd = _weight_dtype(x)
+        hh = (lam_t - lam_s).to(wd)
+        fixed = ctx.n_steps is not None
+        last = fixed and ctx.index == ctx.n_steps - 1
+        scale_x, scale_f = self._coefs(a_s, b_s, a_t, b_t)
+        if fixed and ctx.index == 0 and self.start == "singlestep" and self._start_order() >= 2:
+            return self._singlestep_start(process, denoise, x, state, hh, lam_s, lam_t, a_s, b_s,
+                                          scale_x, scale_f, t_next, last)
+        plan = getattr(ctx, "plan", None)
+        values = [f0, *f_hist]
+        if plan is not None:  # weights of a grid shared by the batch, computed up front
+            i = ctx.index
+            w = plan.predictor[i].expand(x.shape[0], -1)
+            wc = None if plan.corrector is None else plan.corrector[i].expand(x.shape[0], -1)
+            scale_x, scale_f = plan.scale_x[i], plan.scale_f[i]
         else:
-            d_new, nfe = denoise(x_pred, t_next), 1
+            # past nodes (distinct dummies where the history is not there yet)
+            past = [torch.where(count > j, lam.to(wd) - lam_s.to(wd),
+                                torch.full_like(hh, -10.0 * (j + 1)))
+                    for j, lam in enumerate(lam_hist)]
+            cap = p
+            if self.lower_order_final and fixed:
+                cap = max(1, min(p, ctx.n_steps - ctx.index))
+            w, wc = self._weights(hh, past, torch.clamp(count + 1, max=cap).long(), cap)
+        x_pred = self._combine(x, scale_x, scale_f, w, values)
+        correct = self.corrector and not (last and not self.final_corrector)
+        if last and not correct:  # nothing needs the evaluation at the final point
+            f_new, nfe = torch.zeros_like(x), 0
+        else:
+            f_new = self._field_value(denoise(x_pred, t_next), x_pred, a_t, b_t)
+            nfe = 1
         x_new, error = x_pred, None
-        if self.corrector:
-            x_new = ratio + bcast(a_t, x) * combine(weights[p + use, rows], [d_new, *values])
+        if correct:
+            x_new = self._combine(x, scale_x, scale_f, wc, [f_new, *values])
             error = x_new - x_pred
-        new_state = (d_new, lam_t, d0, *d_hist[:-1], lam_s, *lam_hist[:-1], count + 1) \
-            if p > 1 else (d_new, lam_t, count + 1)
-        return Step(x_new, error, new_state, nfe)
+        new_state = self._push(state, f_new, lam_t, [f0], [lam_s], count + 1)
+        return Step(x_new, error, self._keep_where_still(state, new_state, hh), nfe)
+
+    def _weights(self, hh, past, order_now, cap):
+        """Predictor ``(B, p)`` and corrector ``(B, p + 1)`` (or None) weights of each row's
+        order ``order_now`` (at most ``cap``), zero-padded."""
+        p = self.predictor_order
+        rows = torch.arange(hh.shape[0], device=hh.device)
+        moments = self.moments(hh, cap + 1 if self.corrector else cap)
+        pred = torch.stack([torch.nn.functional.pad(
+            self.predictor_weights(hh, past, k, moments), (0, p - k))
+            for k in range(1, cap + 1)])[order_now - 1, rows]
+        corr = None
+        if self.corrector:
+            corr = torch.stack([torch.nn.functional.pad(
+                self.corrector_weights(hh, past, k, moments), (0, p - k))
+                for k in range(1, cap + 1)])[order_now - 1, rows]
+        return pred, corr
+
+    def prepare(self, dynamics, grid: torch.Tensor) -> _Plan | None:
+        """Weights of every step of a grid shared by the whole batch (``grid``: ``(n + 1,)`` in
+        the integration variable), to pass as ``StepContext.plan``: the steps then only combine
+        stored values. None where the per-row path is needed (a repeated time, or the single-step
+        start). One host check, here, not in the steps."""
+        if self.start == "singlestep" and self._start_order() >= 2:
+            return None
+        process, _, to_t = _unwrap(dynamics)
+        wd = _weight_dtype(grid)
+        a, b, lam = self._marginal(process, to_t(grid))
+        lam_w = lam.to(wd)
+        hh = lam_w[1:] - lam_w[:-1]
+        if not bool((hh != 0).all()):
+            return None
+        n, p = hh.shape[0], self.predictor_order
+        idx = torch.arange(n, device=grid.device)
+        past = [torch.where(idx > j, lam_w[(idx - 1 - j).clamp(min=0)] - lam_w[:-1],
+                            torch.full_like(hh, -10.0 * (j + 1))) for j in range(p - 1)]
+        order_now = torch.clamp(idx + 1, max=p)
+        if self.lower_order_final:
+            order_now = torch.minimum(order_now, (n - idx).clamp(min=1))
+        pred, corr = self._weights(hh, past, order_now, p)
+        scale_x, scale_f = self._coefs(a[:-1], b[:-1], a[1:], b[1:])
+        return _Plan(pred, corr, scale_x, scale_f)
+
+    def _push(self, state, f_new, lam_new, fs, lams, count):
+        """State with ``f_new`` current and ``fs`` (newest first) prepended to the history."""
+        m = self.predictor_order - 1
+        f_hist, lam_hist = list(state[2:2 + m]), list(state[2 + m:2 + 2 * m])
+        f_hist = (list(fs) + f_hist)[:m]
+        lam_hist = (list(lams) + lam_hist)[:m]
+        return (f_new, lam_new, *f_hist, *lam_hist, count)
+
+    @staticmethod
+    def _keep_where_still(old, new, hh):
+        """Rows with a zero-length step keep their state (no repeated node in the history)."""
+        still = hh == 0
+        return tuple(torch.where(bcast(still, n) if n.ndim > 1 else still, o, n)
+                     for o, n in zip(old, new))
+
+    def _singlestep_start(self, process, denoise, x, state, hh, lam_s, lam_t, a_s, b_s,
+                          scale_x, scale_f, t_next, last):
+        """First step by a single-step DPM-Solver of order ``min(order - 1, 3)``; the stage
+        evaluations join the history (their nodes are fractions of the step)."""
+        fracs, node_sets = _STARTS[self._start_order()]
+        f0, count = state[0], state[-1]
+        values, lams, nfe = [f0], [lam_s], 0
+        hn = torch.where(hh == 0, torch.ones_like(hh), hh)  # node spacing (h = 0: zero weights)
+        for c, nodes in zip(fracs[1:], node_sets[:-1]):
+            lam_c = lam_s + c * (lam_t - lam_s)
+            t_c = process.t_of_sigma(torch.exp(-lam_c))
+            a_c, b_c, _ = self._marginal(process, t_c)
+            w = lagrange_weights([fracs[i] * hn for i in nodes], self.moments(c * hh, len(nodes)))
+            sx, sf = self._coefs(a_s, b_s, a_c, b_c)
+            x_c = self._combine(x, sx, sf, w, [values[i] for i in nodes])
+            values.append(self._field_value(denoise(x_c, t_c), x_c, a_c, b_c))
+            lams.append(lam_c)
+            nfe += 1
+        final = node_sets[-1]
+        w = lagrange_weights([fracs[i] * hn for i in final], self.moments(hh, len(final)))
+        x_new = self._combine(x, scale_x, scale_f, w, [values[i] for i in final])
+        if last:
+            f_new = torch.zeros_like(x)
+        else:
+            a_t, b_t, _ = self._marginal(process, t_next)
+            f_new = self._field_value(denoise(x_new, t_next), x_new, a_t, b_t)
+            nfe += 1
+        # the history keeps the last stage and the start (the earlier stages are less accurate:
+        # reusing the Euler stage of 3S would cap the order at 3)
+        new_state = self._push(state, f_new, lam_t, [values[-1], values[0]], [lams[-1], lams[0]],
+                               count + 2)
+        return Step(x_new, None, self._keep_where_still(state, new_state, hh), nfe)
+
+
+class DPMSolver(Multistep):
+    """Multistep DPM-Solver++ (data prediction) of ``order`` 1-4; 1 NFE per step.
+
+    ``variant``: ``"midpoint"`` (the published 2M and 3M of the reference code, diffusers and
+    k-diffusion; orders 1-3) or ``"heun"`` (the exact integral of the interpolating polynomial:
+    order ``order``; diffusers' ``solver_type="heun"`` at order 2). Default: ``"midpoint"`` for
+    order 2 without corrector (2M as published), else ``"heun"`` (the reference's 3M is formally
+    of order 2; see the module doc). ``corrector=True`` adds the free UniC corrector
+    (exact moments): order ``order + 1`` and an embedded error estimate (usable with a controller);
+    on a fixed grid it is applied after the last step too (one more evaluation; :class:`UniPC`
+    skips it). ``start``, ``lower_order_final``: see :mod:`difsolve.solvers.exponential`.
+    """
+
+    final_corrector = True
+
+    def __init__(self, order: int = 2, variant: str | None = None, corrector: bool = False, *,
+                 start: str = "multistep", lower_order_final: bool = False):
+        super().__init__(order, corrector, start, lower_order_final, (1, 2, 3, 4))
+        if variant is None:
+            variant = "midpoint" if order == 2 and not corrector else "heun"
+        check(variant in ("midpoint", "heun"), "variant", "'midpoint' or 'heun'", variant)
+        check(variant == "heun" or order <= 3, "variant",
+              "'heun' for order 4 (no published midpoint form)", variant)
+        self.variant = variant
+
+    def predictor_moments(self, moments, h, k):
+        if self.variant != "midpoint" or k < 2:
+            return moments
+        if k == 2:
+            return _replace(moments, 1, h * moments[:, 0] / 2)
+        return _replace(moments, 2, moments[:, 2] / 2)  # k == 3: the reference's 3M
+
+
+class UniPC(Multistep):
+    """UniPC (Zhao et al. 2023): UniP-``order`` predictor and the free UniC corrector, data form.
+
+    Order ``order + 1`` with one evaluation per step; ``bh`` is ``"bh1"`` (``B(h) = h``) or
+    ``"bh2"`` (``B(h) = e^h - 1``). On a fixed grid the corrector is skipped after the last step;
+    under a controller ``corrected - predicted`` is the embedded error estimate. Orders 1-6.
+    """
+
+    def __init__(self, order: int = 2, bh: str = "bh2", *, start: str = "multistep",
+                 lower_order_final: bool = False):
+        super().__init__(order, True, start, lower_order_final, (1, 2, 3, 4, 5, 6))
+        check(bh in ("bh1", "bh2"), "bh", "'bh1' or 'bh2'", bh)
+        self.bh = bh
+
+    def _b_rule(self, moments, h):
+        b = h if self.bh == "bh1" else moments[:, 0]
+        return _replace(moments, 1, h * b / 2)
+
+    def predictor_moments(self, moments, h, k):
+        return self._b_rule(moments, h) if k == 2 else moments
+
+    def corrector_moments(self, moments, h, k):
+        return self._b_rule(moments, h) if k == 1 else moments
+
+
+class DEIS(Multistep):
+    """DEIS tAB (Zhang & Chen 2023) as in diffusers' ``DEISMultistepScheduler``: the noise
+    prediction interpolated in ``log sigma`` and integrated exactly; order ``order`` (1-3),
+    1 NFE per step."""
+
+    form = "noise"
+
+    def __init__(self, order: int = 3, *, start: str = "multistep",
+                 lower_order_final: bool = False):
+        super().__init__(order, False, start, lower_order_final, (1, 2, 3))
+
+
+class IPNDM(Multistep):
+    """Improved PNDM (Zhang & Chen 2023; Zhou et al. 2024): Adams-Bashforth on
+    ``d(x/a)/dsigma = eps`` with the fixed-step coefficients (``order`` 1-4; 3/2, -1/2;
+    23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24) and the lower orders as warm start;
+    1 NFE per step. Second order on smooth grids; the published sampler of AMED uses order 4."""
+
+    form = "noise"
+
+    def __init__(self, order: int = 4, *, lower_order_final: bool = False):
+        super().__init__(order, False, "multistep", lower_order_final, (1, 2, 3, 4))
+
+    def predictor_weights(self, h, past, k, moments):
+        unit = torch.tensor([1.0 / (m + 1) for m in range(k)], dtype=h.dtype, device=h.device)
+        scaled = moments[:, :1] * unit  # (e^h - 1) int_0^1 u^m du
+        return lagrange_weights([-float(j) for j in range(k)], scaled)

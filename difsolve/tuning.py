@@ -1,0 +1,232 @@
+r"""Tuned time grids: the fixed grid that minimises a solver's error on pilot trajectories.
+
+:func:`tune_schedule` draws ``pilots`` prior samples, integrates the probability-flow ODE from
+them with a tight adaptive reference solve (Dopri5 in data-prediction coordinates, tolerance
+``1e-8``), and minimises the mean squared endpoint error of ``solver`` on a grid of the step count
+that spends exactly ``nfe`` field evaluations. The grid is parametrised by its ``log sigma``
+increments (``u_i = u_0 + (u_N - u_0) cumsum(softmax(theta))_i``, so it stays monotone and keeps
+its end points); the search starts from the best named schedule on the pilots and runs L-BFGS
+with gradients taken through the solver (the objective is the one the solver will be used with,
+so multistep histories are accounted for exactly, unlike a dynamic programme over local errors).
+This is the "direct optimisation of the grid against reference trajectories" of Optimal Stepsize
+Distillation (Pei et al. 2025) and of Xue et al. (2024), with a global-error objective.
+
+The grid is returned in the field's time variable, from ``t_max`` to ``t_min``, in float64; as a
+plain list it reloads exactly (``torch.tensor(grid.tolist(), dtype=torch.float64)``). With
+``ds.sample(field, shape, solver=solver, steps=grid, denoise=False)`` the evaluations spent equal
+``nfe``; ``denoise=True`` adds its one Tweedie evaluation at ``t_min``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+
+import torch
+
+from ._errors import ArgumentTypeError, IncompatibleError, check_int
+from ._tensor import as_time
+from .control import PIController, make_grid
+from .dynamics import ProbabilityFlowODE
+from .fields.base import check_field
+from .integrate import solve
+from .solvers.base import Solver, StepContext
+from .solvers.exponential import DEIS, IPNDM
+from .solvers.runge_kutta import Dopri5
+
+__all__ = ["TuningInfo", "fixed_grid_nfe", "recommended", "steps_for_nfe", "tune_schedule"]
+
+#: named schedules (of :data:`~difsolve.control.SCHEDULES`, defined in sigma) tried as starts
+START_SCHEDULES = ("karras", "logsnr", "polyexponential", "time_uniform")
+
+
+@dataclass
+class TuningInfo:
+    """What tuning cost and achieved (errors: RMS endpoint error over the pilots)."""
+
+    steps: int
+    nfe_reference: int  # batched field calls of the reference solves
+    nfe_search: int  # batched forward field calls of the search (start schedules included)
+    gradients: int  # backward passes through the solver (each about one search solve)
+    start_schedule: str
+    start_error: float
+    error: float
+    errors_by_schedule: dict[str, float] = dc_field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        """Total batched forward field calls spent tuning."""
+        return self.nfe_reference + self.nfe_search
+
+
+def fixed_grid_nfe(solver: Solver, steps: int) -> int:
+    """Field evaluations ``solver`` spends on a fixed grid of ``steps`` steps."""
+    own = getattr(solver, "nfe", None)
+    if callable(own):
+        return own(steps)
+    tableau = getattr(solver, "tableau", None)
+    if tableau is not None and getattr(tableau, "fsal", False):
+        return 1 + (solver.stages - 1) * steps
+    return solver.stages * steps
+
+
+def steps_for_nfe(solver: Solver, nfe: int) -> int:
+    """The step count whose fixed grid spends exactly ``nfe`` evaluations (error if none)."""
+    check_int(nfe, "nfe")
+    for steps in range(1, nfe + 1):
+        spent = fixed_grid_nfe(solver, steps)
+        if spent == nfe:
+            return steps
+        if spent > nfe:
+            break
+    raise IncompatibleError(
+        f"argument `nfe`: {solver!r} cannot spend exactly {nfe} evaluations on a fixed grid "
+        f"(it spends {fixed_grid_nfe(solver, 1)} for one step, then "
+        f"{fixed_grid_nfe(solver, 2) - fixed_grid_nfe(solver, 1)} per step)")
+
+
+def _integrate(ode, solver, x, grid):
+    """The fixed-grid loop of :func:`~difsolve.solve` (time variable ``t``), differentiable in
+    ``grid`` (``(n + 1,)``); returns the endpoint and the evaluations spent."""
+    n = grid.shape[0] - 1
+    ctx = StepContext(n_steps=n)
+    ctx.plan = solver.prepare(ode, grid)
+    t = grid[:, None].expand(-1, x.shape[0])
+    state, nfe = solver.init(ode, x, t[0], ctx)
+    for i in range(n):
+        ctx.index = i
+        step = solver.step(ode, x, t[i], t[i + 1] - t[i], state, None, ctx)
+        x, state, nfe = step.x, step.state, nfe + step.nfe
+    return x, nfe
+
+
+def _grid_from(theta, u0, u1, process):
+    frac = torch.cumsum(torch.softmax(theta, 0), 0)
+    u = torch.cat([u0.reshape(1), u0 + (u1 - u0) * frac[:-1], u1.reshape(1)])
+    return process.t_of_sigma(torch.exp(u))
+
+
+def _theta_of(grid, process):
+    u = torch.log(process.sigma(grid))
+    inc = (u[1:] - u[:-1]) / (u[-1] - u[0])
+    return torch.log(inc.clamp(min=1e-12))
+
+
+def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
+                  generator: torch.Generator | int | None = None, shape=None,
+                  iterations: int = 60, return_info: bool = False):
+    """Time grid (``t_max`` to ``t_min``) on which ``solver`` spends exactly ``nfe`` evaluations,
+    optimised on ``pilots`` reference trajectories of ``field``'s probability-flow ODE.
+
+    Args:
+        field: a score field (its process must define ``sigma`` and ``t_of_sigma``).
+        solver: an ODE solver (any fixed-grid solver: DPMSolver, UniPC, DEIS, IPNDM, Heun, ...).
+        nfe: the evaluation budget (the initial evaluation included; ``denoise`` excluded).
+        pilots: number of prior draws the grid is optimised on.
+        generator: a ``torch.Generator`` or an int seed for the pilot draws.
+        shape: per-sample shape ``(...)`` of the data; inferred for Gaussian-mixture fields.
+        iterations: L-BFGS iterations.
+        return_info: also return a :class:`TuningInfo` (cost in evaluations, pilot errors).
+
+    Returns:
+        a float64 ``(steps + 1,)`` tensor of times, or ``(grid, info)``.
+    """
+    check_field(field)
+    if not isinstance(solver, Solver):
+        raise ArgumentTypeError(f"argument `solver` must be a difsolve Solver, got {solver!r}")
+    if solver.sde or solver.stochastic:
+        raise IncompatibleError("argument `solver`: tune_schedule tunes ODE solvers")
+    steps = steps_for_nfe(solver, nfe)
+    pilots = check_int(pilots, "pilots")
+    iterations = check_int(iterations, "iterations", minimum=0)
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        generator = torch.Generator().manual_seed(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"argument `generator` must be a torch.Generator or an int, got {generator!r}")
+    if shape is None:
+        means = getattr(getattr(field, "mixture", None), "means", None)
+        if means is None:
+            raise IncompatibleError(
+                "argument `shape`: give the per-sample data shape (it is inferred only for "
+                "Gaussian-mixture fields)")
+        shape = tuple(means.shape[1:])
+    shape = tuple(int(s) for s in shape)
+    process = field.process
+    ode = ProbabilityFlowODE(field)
+    solver.check_dynamics(ode)
+    dtype = torch.float64
+    x_T = process.prior_sample((pilots, *shape), generator=generator, dtype=dtype)
+    with torch.no_grad():
+        ref = solve(ode, x_T, process.t_max, process.t_min, solver=Dopri5(),
+                    controller=PIController(rtol=1e-8, atol=1e-8), time_variable="snr")
+    nfe_ref = int(ref.stats.nfe)
+    target = ref.x
+
+    def loss_of(grid):
+        x, spent = _integrate(ode, solver, x_T, grid)
+        return (x - target).reshape(pilots, -1).square().sum(1).mean(), spent
+
+    t0 = as_time(process.t_max, x_T[:1, ..., 0].reshape(1), "t_max")
+    t1 = as_time(process.t_min, x_T[:1, ..., 0].reshape(1), "t_min")
+    nfe_search = 0
+    by_schedule = {}
+    with torch.no_grad():
+        for name in START_SCHEDULES:
+            grid = make_grid(name, steps, t0, t1, process)[:, 0]
+            loss, spent = loss_of(grid)
+            nfe_search += spent
+            by_schedule[name] = math.sqrt(float(loss))
+    start = min(by_schedule, key=by_schedule.get)
+    start_grid = make_grid(start, steps, t0, t1, process)[:, 0]
+    u0, u1 = torch.log(process.sigma(t0[0])), torch.log(process.sigma(t1[0]))
+    theta = _theta_of(start_grid, process).clone().requires_grad_(True)
+    best = [by_schedule[start] ** 2, start_grid.detach().clone()]
+    counts = [0, 0]
+    if steps > 1 and iterations > 0:
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iterations, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                                tolerance_change=1e-14)
+
+        def closure():
+            opt.zero_grad()
+            with torch.enable_grad():
+                grid = _grid_from(theta, u0, u1, process)
+                loss, spent = loss_of(grid)
+                objective = torch.log(loss)
+                objective.backward()
+            counts[0] += spent
+            counts[1] += 1
+            if bool(torch.isfinite(loss)) and float(loss.detach()) < best[0]:
+                best[0], best[1] = float(loss.detach()), grid.detach().clone()
+            if not bool(torch.isfinite(objective)):
+                theta.grad = torch.zeros_like(theta)
+                return torch.tensor(math.inf, dtype=dtype)
+            return objective.detach()
+
+        opt.step(closure)
+    grid = best[1].to(dtype)
+    grid[0], grid[-1] = process.t_max, process.t_min
+    info = TuningInfo(steps=steps, nfe_reference=nfe_ref, nfe_search=nfe_search + counts[0],
+                      gradients=counts[1], start_schedule=start,
+                      start_error=by_schedule[start], error=math.sqrt(best[0]),
+                      errors_by_schedule=by_schedule)
+    return (grid, info) if return_info else grid
+
+
+#: the best solver and named schedule per budget, measured on the named schedules only (no
+#: tuning) by ``benchmarks/bench_lownfe.py`` on the EDM ring and 16-D mixture (see
+#: docs/low-nfe.md): (largest budget, solver factory, schedule)
+_RECOMMENDED = (
+    (12, lambda: DEIS(3), "karras"),  # best at 10 on both problems (= the best peer)
+    (math.inf, lambda: IPNDM(4), "time_uniform"),  # best at 15, 20, 30 on both
+)
+
+
+def recommended(nfe: int) -> tuple[Solver, str]:
+    """``(solver, schedule)`` to spend a budget of ``nfe`` evaluations on a fixed grid without
+    tuning: the measured best of the multistep family on the named schedules (docs/low-nfe.md).
+    Use ``steps_for_nfe(solver, nfe)`` steps (one evaluation per step for these solvers)."""
+    check_int(nfe, "nfe")
+    return next((make(), schedule) for bound, make, schedule in _RECOMMENDED if nfe <= bound)

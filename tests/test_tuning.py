@@ -1,0 +1,133 @@
+"""``ds.tune_schedule``: budget, reproducibility, save/load, and that a tuned grid beats the
+named schedules on draws it was not tuned on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import difsolve as ds
+from difsolve.tuning import fixed_grid_nfe, recommended, steps_for_nfe
+
+F64 = torch.float64
+
+
+def _mixture():
+    ang = torch.arange(4, dtype=F64) * (math.pi / 2)
+    means = 2.0 * torch.stack([ang.cos(), ang.sin()], 1)
+    return ds.GaussianMixture(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64), means,
+                              torch.full((4,), 0.25, dtype=F64))
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    field = _mixture().score_field(ds.EDM())
+    solver = ds.UniPC(2)
+    grid, info = ds.tune_schedule(field, solver, 8, pilots=32, generator=1, iterations=25,
+                                  return_info=True)
+    return field, solver, grid, info
+
+
+def _rms(a, b):
+    return float((a - b).square().sum(1).mean().sqrt())
+
+
+def test_grid_shape_budget_and_info(tuned):
+    field, solver, grid, info = tuned
+    proc = field.process
+    assert grid.dtype == F64 and grid.shape == (info.steps + 1,) and info.steps == 8
+    assert float(grid[0]) == proc.t_max and float(grid[-1]) == proc.t_min
+    assert bool((grid[1:] < grid[:-1]).all())
+    sol = ds.sample(field, (16, 2), solver=solver, steps=grid, denoise=False,
+                    generator=torch.Generator().manual_seed(5), dtype=F64)
+    assert sol.stats.nfe == 8  # the budget, exactly
+    with_tweedie = ds.sample(field, (16, 2), solver=solver, steps=grid,
+                             generator=torch.Generator().manual_seed(5), dtype=F64)
+    assert with_tweedie.stats.nfe == 9  # denoise=True adds its one evaluation
+    assert info.nfe_reference > 0 and info.nfe_search >= 4 * 8 and info.gradients >= 1
+    assert info.nfe == info.nfe_reference + info.nfe_search
+    assert info.error <= info.start_error
+    assert set(info.errors_by_schedule) == {"karras", "logsnr", "polyexponential",
+                                            "time_uniform"}
+
+
+def test_saved_as_a_list_gives_the_same_samples(tuned, tmp_path):
+    field, solver, grid, _ = tuned
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid.tolist()))
+    loaded = torch.tensor(json.loads(path.read_text()), dtype=F64)
+    assert torch.equal(loaded, grid)
+    runs = [ds.sample(field, (8, 2), solver=solver, steps=g, denoise=False, dtype=F64,
+                      generator=torch.Generator().manual_seed(2)).x for g in (grid, loaded)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_tuned_grid_beats_named_schedules_on_held_out_draws(tuned):
+    field, solver, grid, _ = tuned
+    proc = field.process
+    ode = ds.ProbabilityFlowODE(field)
+    x = proc.prior_sample((256, 2), generator=torch.Generator().manual_seed(123), dtype=F64)
+    ref = ds.solve(ode, x, proc.t_max, proc.t_min, solver=ds.Dopri5(), time_variable="snr",
+                   controller=ds.PIController(rtol=1e-10, atol=1e-10)).x
+    tuned_err = _rms(ds.solve(ode, x, proc.t_max, proc.t_min, solver=solver, steps=grid).x, ref)
+    named = {s: _rms(ds.solve(ode, x, proc.t_max, proc.t_min, solver=solver, steps=8,
+                              schedule=s).x, ref)
+             for s in ("karras", "logsnr", "polyexponential", "time_uniform")}
+    assert tuned_err < 0.5 * min(named.values()), (tuned_err, named)
+
+
+def test_reproducible_and_other_processes():
+    field = _mixture().score_field(ds.VP())
+    a = ds.tune_schedule(field, ds.Heun(), 10, pilots=8, generator=3, iterations=3)
+    b = ds.tune_schedule(field, ds.Heun(), 10, pilots=8, generator=3, iterations=3)
+    assert torch.equal(a, b) and a.shape == (6,)  # Heun: 2 evaluations per step
+    sol = ds.sample(field, (4, 2), solver=ds.Heun(), steps=a, denoise=False, dtype=F64)
+    assert sol.stats.nfe == fixed_grid_nfe(ds.Heun(), 5)
+
+
+def test_steps_for_nfe():
+    assert steps_for_nfe(ds.DPMSolver(3), 10) == 10
+    assert steps_for_nfe(ds.DPMSolver(2, corrector=True), 10) == 9
+    assert steps_for_nfe(ds.DPMSolver(3, start="singlestep"), 10) == 9  # 2S start: +1
+    assert steps_for_nfe(ds.UniPC(3, start="singlestep"), 10) == 8  # order 4: 3S start, +2
+    assert steps_for_nfe(ds.Dopri5(), 31) == 5  # FSAL: 1 + 6 per step
+    with pytest.raises(ds.IncompatibleError, match="nfe"):
+        steps_for_nfe(ds.RK4(), 10)
+    with pytest.raises(ds.IncompatibleError, match="nfe"):
+        ds.tune_schedule(_mixture().score_field(ds.EDM()), ds.Heun(), 9)
+
+
+def test_bad_arguments():
+    field = _mixture().score_field(ds.EDM())
+    with pytest.raises(ds.IncompatibleError, match="ODE"):
+        ds.tune_schedule(field, ds.EulerMaruyama(), 10)
+    with pytest.raises(ds.ArgumentTypeError, match="generator"):
+        ds.tune_schedule(field, ds.UniPC(2), 10, generator="seed")
+    with pytest.raises(ds.ArgumentTypeError, match="nfe"):
+        ds.tune_schedule(field, ds.UniPC(2), 10.0)
+
+    class NoMixture:
+        process = ds.EDM()
+
+        def __call__(self, x, t):
+            return -x
+
+    with pytest.raises(ds.IncompatibleError, match="shape"):
+        ds.tune_schedule(NoMixture(), ds.UniPC(2), 10)
+    grid = ds.tune_schedule(NoMixture(), ds.UniPC(2), 4, shape=(3,), pilots=4, iterations=2)
+    assert grid.shape == (5,)
+
+
+@pytest.mark.parametrize("nfe", [1, 10, 15, 50])
+def test_recommended_spends_the_budget(nfe):
+    solver, schedule = recommended(nfe)
+    assert schedule in ds.SCHEDULES and isinstance(solver, ds.Solver)
+    field = _mixture().score_field(ds.EDM())
+    sol = ds.sample(field, (4, 2), solver=solver, steps=steps_for_nfe(solver, nfe),
+                    schedule=schedule, denoise=False, dtype=F64)
+    assert sol.stats.nfe == nfe and bool(torch.isfinite(sol.x).all())
+    with pytest.raises(ds.DifsolveError, match="nfe"):
+        recommended(0)
