@@ -67,6 +67,11 @@ def make_grid(schedule: str, steps: int, t0: torch.Tensor, t1: torch.Tensor,
                 f"argument `schedule`: {schedule!r} is defined in sigma and needs dynamics with a "
                 "`process` (use schedule='uniform' or pass an explicit grid)")
         s0, s1 = process.sigma(t0), process.sigma(t1)
+        if schedule != "karras" and steps > 1 and bool(((s0 == 0) | (s1 == 0)).any()):
+            # log-spaced schedules cannot reach sigma = 0: space the other steps down to the
+            # process's smallest positive level (or 1e-3 of the other end) and take one last
+            # step to 0, as k-diffusion appends a zero to its log-spaced sigmas
+            return _ending_at_zero(schedule, steps, t0, t1, s0, s1, process)
         if schedule == "karras":
             r = 1.0 / KARRAS_RHO
             sig = (s0**r + frac * (s1**r - s0**r)) ** KARRAS_RHO
@@ -141,6 +146,25 @@ class Decision:
 #: consecutive non-finite proposals after which a sample stops with NONFINITE
 NONFINITE_RETRIES = 5
 _NO_FAULT = -1
+
+
+def _ending_at_zero(schedule, steps, t0, t1, s0, s1, process) -> torch.Tensor:
+    """A log-spaced schedule with an end at sigma = 0: ``steps - 1`` steps to a positive level,
+    then one step to the zero end."""
+    floor = process.sigma_min if process.sigma_min > 0 else 0.0
+    if s1.eq(0).all():
+        inner_end = torch.where(torch.full_like(s0, floor) > 0, torch.full_like(s0, floor),
+                                1e-3 * s0)
+        head = make_grid(schedule, steps - 1, t0, process.t_of_sigma(inner_end), process)
+        return torch.cat([head, t1[None]])
+    if s0.eq(0).all():
+        inner_start = torch.where(torch.full_like(s1, floor) > 0, torch.full_like(s1, floor),
+                                  1e-3 * s1)
+        tail = make_grid(schedule, steps - 1, process.t_of_sigma(inner_start), t1, process)
+        return torch.cat([t0[None], tail])
+    raise IncompatibleError(
+        f"argument `schedule`: {schedule!r} is log-spaced in sigma; a grid ending at sigma = 0 "
+        "must have the zero end in every sample")
 
 
 class PIController:

@@ -26,7 +26,8 @@ from ._tensor import bcast, check_output
 from .fields.base import check_field, denoise, is_exact
 
 __all__ = ["TIME_VARIABLES", "CheckedDynamics", "CheckedField", "LogSigmaTime",
-           "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "TimeChange", "is_sde", "time_change"]
+           "ProbabilityFlowODE", "ReverseSDE", "SNRTime", "TimeChange", "is_sde",
+           "split_time_change", "time_change"]
 
 
 def is_sde(dynamics) -> bool:
@@ -264,6 +265,18 @@ class SNRTime(TimeChange):
 TIME_CHANGES = {"log_sigma": LogSigmaTime, "snr": SNRTime}
 #: every ``time_variable`` of :func:`~difsolve.solve` (``"t"``: no change)
 TIME_VARIABLES = ("t", *TIME_CHANGES)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def split_time_change(dynamics):
+    """``(dynamics in t, map from the integration time to t)``: undoes a :class:`TimeChange`
+    (the identity map for dynamics integrated in ``t``)."""
+    if isinstance(dynamics, TimeChange):
+        return dynamics.inner, dynamics.to_t
+    return dynamics, _identity
 
 
 def time_change(dynamics, name: str):

@@ -381,6 +381,8 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
         xs.append(x0)
 
     x = x0 if warp is None else warp.encode(x0, t_cols[0])
+    if grid_u.ndim == 1:  # a grid shared by the batch: per-grid work done once
+        ctx.plan = solver.prepare(dynamics, grid_u)
     state, nfe = solver.init(dynamics, x, u_cols[0], ctx)
     nstate = noise.init(x, None) if noise is not None else ()
     good = _LastGood.start(x, t_cols[0])

@@ -13,6 +13,7 @@ from ._errors import (
     IncompatibleError,
     check,
     check_device,
+    check_int,
     check_real,
     check_shape,
 )
@@ -27,6 +28,7 @@ from .noise import make_stream
 from .solution import Solution, Status
 from .solvers.base import Solver
 from .solvers.runge_kutta import Heun
+from .tuning import recommended, steps_for_nfe
 
 __all__ = ["sample"]
 
@@ -40,8 +42,8 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
            generator: torch.Generator | int | None = None, seeds=None, denoise: bool = True,
            device=None, dtype=None, progress: bool = False, time_variable: str | None = None,
            x_T: torch.Tensor | None = None, t_start: float | None = None, save_at=None,
-           callback: Callable[[dict], None] | None = None, cond: dict | None = None
-           ) -> Solution:
+           callback: Callable[[dict], None] | None = None, cond: dict | None = None,
+           nfe: int | None = None) -> Solution:
     """Sample ``shape = (B, ...)`` from ``field``: prior at ``t_max``, integrate to ``t_min``.
 
     An ODE solver integrates the :class:`~difsolve.ProbabilityFlowODE`, an SDE solver the
@@ -71,11 +73,17 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
         save_at, callback, progress, schedule, controller, corrector, time_variable:
             as in :func:`~difsolve.solve`.
         device, dtype: of the prior draw.
+        nfe: a budget of field evaluations on a fixed grid instead of ``steps`` (the final
+            denoise included): without a ``solver``, the measured best method for that budget
+            (:func:`difsolve.tuning.recommended`, docs/low-nfe.md) on its schedule; with one, the
+            step count that spends exactly the budget. ``stats.nfe`` equals it.
 
     Returns:
         :class:`~difsolve.Solution` (rows that failed hold NaN; see ``status``).
     """
     check_field(field)
+    if nfe is not None:
+        solver, steps, schedule = _budget(nfe, solver, steps, schedule, controller, denoise)
     solver = Heun() if solver is None else solver
     if not isinstance(solver, Solver):
         raise ArgumentTypeError(
@@ -106,6 +114,18 @@ def sample(field, shape=None, *, solver: Solver | None = None, steps=None,
     if denoise and x_start.shape[0]:
         _denoise_end(field, sol, cond)
     return sol
+
+
+def _budget(nfe, solver, steps, schedule, controller, denoise):
+    """``(solver, steps, schedule)`` spending exactly ``nfe`` evaluations."""
+    if steps is not None or controller is not None:
+        raise IncompatibleError(
+            "argument `nfe`: a budget replaces `steps` and `controller`; give only one of them")
+    own = check_int(nfe, "nfe", minimum=2 if denoise else 1) - int(bool(denoise))
+    if solver is None:
+        solver, default_schedule = recommended(own)
+        schedule = default_schedule if schedule is None else schedule
+    return solver, steps_for_nfe(solver, own), schedule
 
 
 def _default_time_variable(solver: Solver, controller) -> str:

@@ -393,3 +393,19 @@ def test_peak_memory_is_flat_in_the_number_of_steps():
     3 MB per step (over 300 MB at 100 steps); the peak stays within 10% of the 10-step peak."""
     short, long = _peak_kb(10), _peak_kb(100)
     assert long <= 1.1 * short, (short, long)
+
+
+# ----- an NFE budget ------------------------------------------------------------------------
+@pytest.mark.parametrize("nfe", [10, 15, 20])
+def test_an_nfe_budget_is_spent_exactly(nfe):
+    field = ds.problems.ring_mixture(anisotropic=True).score_field(ds.EDM())
+    sol = ds.sample(field, (32, 2), nfe=nfe, generator=0, dtype=F64)
+    assert sol.stats.nfe == nfe and bool((sol.status == ds.Status.SUCCESS).all())
+    raw = ds.sample(field, (32, 2), nfe=nfe, generator=0, dtype=F64, denoise=False)
+    assert raw.stats.nfe == nfe
+    heun = ds.sample(field, (32, 2), nfe=21, solver=ds.Heun(), generator=0, dtype=F64)
+    assert heun.stats.nfe == 21 and heun.stats.steps.tolist() == [10] * 32
+    with pytest.raises(ds.IncompatibleError, match="nfe"):
+        ds.sample(field, (4, 2), nfe=20, solver=ds.Heun())  # Heun spends 2 per step (+1)
+    with pytest.raises(ds.IncompatibleError, match="nfe"):
+        ds.sample(field, (4, 2), nfe=20, steps=10)

@@ -60,6 +60,7 @@ import torch
 
 from .._errors import ArgumentTypeError, IncompatibleError, check
 from .._tensor import bcast
+from ..dynamics import TimeChange, split_time_change
 from .base import Solver, Step
 
 __all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights"]
@@ -133,9 +134,8 @@ def _replace(moments: torch.Tensor, j: int, value: torch.Tensor) -> torch.Tensor
 
 def _unwrap(dynamics):
     """(process, denoise, time map) of a probability-flow ODE, possibly in log-sigma time."""
-    to_t = getattr(dynamics, "to_t", None)
-    inner = getattr(dynamics, "inner", dynamics) if to_t is not None else dynamics
-    return inner.process, inner.denoise, (to_t if to_t is not None else (lambda t: t))
+    inner, to_t = split_time_change(dynamics)
+    return inner.process, inner.denoise, to_t
 
 
 def _check_order(order, name: str, allowed: tuple[int, ...]) -> int:
@@ -236,7 +236,7 @@ class Multistep(Solver):
         where the noise dominates the data, so the data prediction is nearly constant and an
         exponential integrator is nearly exact there; this replaces the controller's
         two-evaluation estimate. In ``t`` time: None (the controller's estimate)."""
-        if getattr(dynamics, "to_t", None) is None:
+        if not isinstance(dynamics, TimeChange):
             return None
         return span.clamp(max=1.0)
 

@@ -53,6 +53,7 @@ from .._errors import (
     check_positive,
 )
 from .._tensor import bcast
+from ..dynamics import split_time_change
 from .base import Solver, Step
 
 __all__ = ["DDIM", "DPMSolverSDE", "EulerAncestral", "SASolver"]
@@ -86,9 +87,8 @@ def exp_moments(H: torch.Tensor, k: int) -> torch.Tensor:
 
 def _unwrap(dynamics):
     """(process, denoise, time map to t) of the dynamics, possibly re-parametrised in time."""
-    to_t = getattr(dynamics, "to_t", None)
-    inner = getattr(dynamics, "inner", dynamics) if to_t is not None else dynamics
-    return inner.process, inner.denoise, (to_t if to_t is not None else (lambda t: t))
+    inner, to_t = split_time_change(dynamics)
+    return inner.process, inner.denoise, to_t
 
 
 def _standard_normal(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
