@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from ._errors import ArgumentTypeError, InvalidArgumentError, _short, check
+from ._errors import ArgumentTypeError, InvalidArgumentError, check
 
 TimeLike = float | int | torch.Tensor
 
@@ -48,9 +48,12 @@ def as_time(t: TimeLike, x: torch.Tensor, name: str = "t",
     return t
 
 
-def check_output(value, like: torch.Tensor, name: str, what: str = "return") -> torch.Tensor:
+def check_output(value, like: torch.Tensor, name: str, what: str = "return", *,
+                 cast: bool = True) -> torch.Tensor:
     """A user callable's output ``value`` for the state ``like``: a floating-point tensor of
-    ``like``'s shape and device (cast to ``like``'s dtype). Metadata only: no synchronisation.
+    ``like``'s shape and device, cast to ``like``'s dtype (``cast=False``: of ``like``'s dtype
+    already). Metadata only: no synchronisation. The one output check of difsolve: fields,
+    dynamics, norms and network adapters all use it.
 
     Raises :class:`ArgumentTypeError` / :class:`InvalidArgumentError` naming ``name`` (a field
     returning ``(B, 1)`` would otherwise be broadcast silently, a tuple fail deep inside)."""
@@ -58,16 +61,23 @@ def check_output(value, like: torch.Tensor, name: str, what: str = "return") -> 
             and value.device == like.device:
         return value  # the common case, decided in one line
     if not isinstance(value, torch.Tensor):
+        hint = (" (a tuple or model-output object: return the tensor, e.g. `.sample`; "
+                "ds.from_diffusers unwraps diffusers models)"
+                if isinstance(value, (tuple, list)) or hasattr(value, "sample") else "")
         raise ArgumentTypeError(
-            f"argument `{name}` must {what} a tensor shaped like x {tuple(like.shape)}, got "
-            f"{_short(value)}")
-    if not value.is_floating_point():
+            f"argument `{name}` must {what} a torch.Tensor of the shape of x "
+            f"{tuple(like.shape)}, got {type(value).__name__}{hint}")
+    if cast and not value.is_floating_point():
         raise ArgumentTypeError(
             f"argument `{name}` must {what} a floating-point tensor, got {value.dtype}")
     if value.shape != like.shape:
         raise InvalidArgumentError(
-            f"argument `{name}` must {what} a tensor shaped like x {tuple(like.shape)}, got "
-            f"shape {tuple(value.shape)}")
+            f"argument `{name}` must {what} a tensor of the shape of x {tuple(like.shape)}, got "
+            f"an output of shape {tuple(value.shape)}")
+    if not cast and value.dtype != like.dtype:
+        raise InvalidArgumentError(
+            f"argument `{name}` must {what} a tensor of the dtype of x ({like.dtype}), got an "
+            f"output of dtype {value.dtype}")
     if value.device != like.device:
         raise InvalidArgumentError(
             f"argument `{name}` must {what} a tensor on x's device {like.device}, got "

@@ -321,12 +321,18 @@ def test_no_graph_by_default_and_grad_true_keeps_it():
     torch.testing.assert_close(with_graph.x.detach(), plain.x)
 
 
-def test_grad_true_matches_finite_differences():
-    torch.manual_seed(1)
+def _mlp_field(seed: int):
+    """A float64 MLP eps-model ``model([x, t])`` with trainable parameters, and its field."""
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(),
                                 torch.nn.Linear(16, 2)).double()
     field = ds.ScoreNetwork(lambda x, t: model(torch.cat([x, t[:, None]], 1)), ds.VP(),
                             predicts="eps")
+    return model, field
+
+
+def test_grad_true_matches_finite_differences():
+    model, field = _mlp_field(1)
     x0 = torch.randn(4, 2, dtype=F64)
     weight = model[2].weight
 
@@ -349,11 +355,7 @@ def test_grad_true_matches_finite_differences():
 
 
 def test_log_likelihood_under_no_grad_and_inference_mode():
-    torch.manual_seed(2)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 2)).double()
-    field = ds.ScoreNetwork(lambda x, t: model(torch.cat([x, t[:, None]], 1)), ds.VP(),
-                            predicts="eps")
+    _, field = _mlp_field(2)
     x = torch.randn(5, 2, dtype=F64)
     ref = ds.log_likelihood(field, x, trace=ds.ExactTrace(), seeds=range(5))
     with torch.no_grad():

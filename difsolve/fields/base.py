@@ -6,8 +6,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .._errors import ArgumentTypeError, InvalidArgumentError
-from .._tensor import bcast
+from .._errors import ArgumentTypeError
+from .._tensor import bcast, check_output
 from ..parametrization import x0_from_score
 from ..processes import Process
 
@@ -31,23 +31,10 @@ class ScoreField(Protocol):
 
 
 def check_model_output(out, x: torch.Tensor, name: str = "model") -> torch.Tensor:
-    """Return ``out`` if it is a tensor with the shape and dtype of ``x``; else raise naming
-    ``name``'s output (the one check every network adapter applies)."""
-    if not isinstance(out, torch.Tensor):
-        hint = (" (a tuple or model-output object: return the tensor, e.g. `.sample`; "
-                "ds.from_diffusers unwraps diffusers models)"
-                if isinstance(out, (tuple, list)) or hasattr(out, "sample") else "")
-        raise ArgumentTypeError(
-            f"argument `{name}` must return a torch.Tensor, got {type(out).__name__}{hint}")
-    if out.shape != x.shape:
-        raise InvalidArgumentError(
-            f"argument `{name}` must return a tensor of the shape of x {tuple(x.shape)}, got an "
-            f"output of shape {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise InvalidArgumentError(
-            f"argument `{name}` must return a tensor of the dtype of x ({x.dtype}), got an output "
-            f"of dtype {out.dtype}")
-    return out
+    """Return ``out`` if it is a tensor with the shape, dtype and device of ``x``; else raise
+    naming ``name``'s output (:func:`difsolve._tensor.check_output` without the cast: a network
+    adapter does not change the model's dtype behind its back)."""
+    return check_output(out, x, name, cast=False)
 
 
 def check_field(field, name: str = "field") -> None:

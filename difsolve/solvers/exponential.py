@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._errors import ArgumentTypeError, IncompatibleError, check
+from .._errors import ArgumentTypeError, IncompatibleError, check, check_choice
 from .._tensor import bcast
 from ..dynamics import TimeChange, split_time_change
 from .base import Solver, Step
@@ -132,8 +132,15 @@ def _replace(moments: torch.Tensor, j: int, value: torch.Tensor) -> torch.Tensor
     return torch.cat([moments[:, :j], value[:, None], moments[:, j + 1:]], dim=1)
 
 
-def _unwrap(dynamics):
-    """(process, denoise, time map) of a probability-flow ODE, possibly in log-sigma time."""
+def marginal_log_snr(process, t: torch.Tensor):
+    """``(a, b, lambda = log a - log b)`` of ``process`` at ``t``."""
+    a, b = process.marginal(t)
+    return a, b, torch.log(a) - torch.log(b)
+
+
+def unwrap_flow(dynamics):
+    """``(process, denoise, map to t)`` of dynamics with a data prediction, possibly integrated
+    in a changed time (shared by the deterministic and stochastic exponential integrators)."""
     inner, to_t = split_time_change(dynamics)
     return inner.process, inner.denoise, to_t
 
@@ -184,7 +191,7 @@ class Multistep(Solver):
         self.predictor_order = _check_order(order, "order", orders)
         if not isinstance(corrector, bool):
             raise ArgumentTypeError(f"argument `corrector` must be a bool, got {corrector!r}")
-        check(start in ("multistep", "singlestep"), "start", "'multistep' or 'singlestep'", start)
+        start = check_choice(start, ("multistep", "singlestep"), "start")
         if not isinstance(lower_order_final, bool):
             raise ArgumentTypeError(
                 f"argument `lower_order_final` must be a bool, got {lower_order_final!r}")
@@ -262,15 +269,10 @@ class Multistep(Solver):
             return b_t / b_s, a_t
         return a_t / a_s, -b_t
 
-    @staticmethod
-    def _marginal(process, t):
-        a, b = process.marginal(t)
-        return a, b, torch.log(a) - torch.log(b)
-
     def init(self, dynamics, x, t, ctx):
-        process, denoise, to_t = _unwrap(dynamics)
+        process, denoise, to_t = unwrap_flow(dynamics)
         t = to_t(t)
-        a, b, lam = self._marginal(process, t)
+        a, b, lam = marginal_log_snr(process, t)
         f0 = self._field_value(denoise(x, t), x, a, b)
         m = self.predictor_order - 1
         return (f0, lam, *([torch.zeros_like(x)] * m), *([torch.zeros_like(lam)] * m),
@@ -285,13 +287,13 @@ class Multistep(Solver):
         return out.to(x.dtype)
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
-        process, denoise, to_t = _unwrap(dynamics)
+        process, denoise, to_t = unwrap_flow(dynamics)
         p, m = self.predictor_order, self.predictor_order - 1
         f0, lam_s = state[0], state[1]
         f_hist, lam_hist, count = state[2:2 + m], state[2 + m:2 + 2 * m], state[-1]
         t_next = to_t(t + h)
-        a_s, b_s, _ = self._marginal(process, to_t(t))
-        a_t, b_t, lam_t = self._marginal(process, t_next)
+        a_s, b_s, _ = marginal_log_snr(process, to_t(t))
+        a_t, b_t, lam_t = marginal_log_snr(process, t_next)
         wd = _weight_dtype(x)
         hh = (lam_t - lam_s).to(wd)
         fixed = ctx.n_steps is not None
@@ -353,9 +355,9 @@ class Multistep(Solver):
         start). One host check, here, not in the steps."""
         if self.start == "singlestep" and self._start_order() >= 2:
             return None
-        process, _, to_t = _unwrap(dynamics)
+        process, _, to_t = unwrap_flow(dynamics)
         wd = _weight_dtype(grid)
-        a, b, lam = self._marginal(process, to_t(grid))
+        a, b, lam = marginal_log_snr(process, to_t(grid))
         lam_w = lam.to(wd)
         hh = lam_w[1:] - lam_w[:-1]
         if not bool((hh != 0).all()):
@@ -397,7 +399,7 @@ class Multistep(Solver):
         for c, nodes in zip(fracs[1:], node_sets[:-1]):
             lam_c = lam_s + c * (lam_t - lam_s)
             t_c = process.t_of_sigma(torch.exp(-lam_c))
-            a_c, b_c, _ = self._marginal(process, t_c)
+            a_c, b_c, _ = marginal_log_snr(process, t_c)
             w = lagrange_weights([fracs[i] * hn for i in nodes], self.moments(c * hh, len(nodes)))
             sx, sf = self._coefs(a_s, b_s, a_c, b_c)
             x_c = self._combine(x, sx, sf, w, [values[i] for i in nodes])
@@ -410,7 +412,7 @@ class Multistep(Solver):
         if last:
             f_new = torch.zeros_like(x)
         else:
-            a_t, b_t, _ = self._marginal(process, t_next)
+            a_t, b_t, _ = marginal_log_snr(process, t_next)
             f_new = self._field_value(denoise(x_new, t_next), x_new, a_t, b_t)
             nfe += 1
         # the history keeps the last stage and the start (the earlier stages are less accurate:
@@ -440,7 +442,7 @@ class DPMSolver(Multistep):
         super().__init__(order, corrector, start, lower_order_final, (1, 2, 3, 4))
         if variant is None:
             variant = "midpoint" if order == 2 and not corrector else "heun"
-        check(variant in ("midpoint", "heun"), "variant", "'midpoint' or 'heun'", variant)
+        variant = check_choice(variant, ("midpoint", "heun"), "variant")
         check(variant == "heun" or order <= 3, "variant",
               "'heun' for order 4 (no published midpoint form)", variant)
         self.variant = variant

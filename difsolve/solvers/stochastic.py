@@ -53,8 +53,8 @@ from .._errors import (
     check_positive,
 )
 from .._tensor import bcast
-from ..dynamics import split_time_change
 from .base import Solver, Step
+from .exponential import marginal_log_snr, unwrap_flow
 
 __all__ = ["DDIM", "DPMSolverSDE", "EulerAncestral", "SASolver"]
 
@@ -83,12 +83,6 @@ def exp_moments(H: torch.Tensor, k: int) -> torch.Tensor:
         prev = rec
         out.append(torch.where(small, series, rec))
     return torch.stack(out, dim=1)
-
-
-def _unwrap(dynamics):
-    """(process, denoise, time map to t) of the dynamics, possibly re-parametrised in time."""
-    inner, to_t = split_time_change(dynamics)
-    return inner.process, inner.denoise, to_t
 
 
 def _standard_normal(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -175,27 +169,22 @@ class _ExponentialMultistep(_DataPredictionSDE):
         return torch.where(inside, eta, torch.zeros_like(eta))
 
     # --- stepping -------------------------------------------------------------------------
-    @staticmethod
-    def _lam(process, t):
-        a, b = process.marginal(t)
-        return a, b, torch.log(a) - torch.log(b)
-
     def init(self, dynamics, x, t, ctx):
-        process, denoise, to_t = _unwrap(dynamics)
+        process, denoise, to_t = unwrap_flow(dynamics)
         t = to_t(t)
-        lam = self._lam(process, t)[2]
+        lam = marginal_log_snr(process, t)[2]
         hist = self._history - 1
         return (denoise(x, t), lam, *([torch.zeros_like(x)] * hist),
                 *([torch.zeros_like(lam)] * hist), torch.zeros_like(lam)), 1
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
-        process, denoise, to_t = _unwrap(dynamics)
+        process, denoise, to_t = unwrap_flow(dynamics)
         L, p, c = self._history, self.predictor_order, self.corrector_order
         d0, lam_s = state[0], state[1]
         d_hist, lam_hist, count = state[2:1 + L], state[1 + L:2 * L], state[-1]
         t_s, t_next = to_t(t), to_t(t + h)
-        _, b_s, _ = self._lam(process, t_s)
-        a_t, b_t, lam_t = self._lam(process, t_next)
+        _, b_s, _ = marginal_log_snr(process, t_s)
+        a_t, b_t, lam_t = marginal_log_snr(process, t_next)
         eta = self._eta(process, t_s)
         w64 = torch.float64 if x.device.type != "mps" else x.dtype
         hl = (lam_t - lam_s).to(w64)
@@ -332,7 +321,7 @@ class DDIM(_DataPredictionSDE):
         self.eta = _check_eta(eta)
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
-        process, denoise, to_t = _unwrap(dynamics)
+        process, denoise, to_t = unwrap_flow(dynamics)
         t_s, t_next = to_t(t), to_t(t + h)
         a_s, b_s = process.marginal(t_s)
         a_t, b_t = process.marginal(t_next)
