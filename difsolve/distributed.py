@@ -93,7 +93,8 @@ class _Comm:
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
                 raise ArgumentTypeError(
                     f"argument `timeout` must be seconds or a datetime.timedelta, got {timeout!r}")
-            check(math.isfinite(seconds) and seconds > 0, "timeout", "a positive number", seconds)
+            check(math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S, "timeout",
+                  f"a positive number of seconds (at most {MAX_TIMEOUT_S})", seconds)
             timeout = datetime.timedelta(seconds=seconds)
         self.group, self.timeout = group, timeout
         self.rank = dist.get_rank(group) if initialised else 0
@@ -177,6 +178,10 @@ def shard(n: int, *, group=None) -> range:
 
 def _block(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
+
+
+#: the longest wait a collective may be given (a day)
+MAX_TIMEOUT_S = 86_400
 
 
 def default_seeds(n: int, seed: int = 0) -> torch.Tensor:

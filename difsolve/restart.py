@@ -59,7 +59,7 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
                    generator: torch.Generator | int | None = None, seeds=None,
                    denoise: bool = True, device=None, dtype=None,
                    x_T: torch.Tensor | None = None, time_variable: str = "t",
-                   cond: dict | None = None) -> Solution:
+                   cond: dict | None = None, max_steps: int = 10_000) -> Solution:
     """Sample ``shape`` from ``field`` with Restart sampling; returns a :class:`Solution`.
 
     Args:
@@ -76,6 +76,8 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
         x_T: the state at ``t_max`` instead of a prior draw.
         time_variable: passed to :func:`~difsolve.solve` for every ODE segment.
         cond: conditioning passed to the field (see :func:`~difsolve.sample`).
+        max_steps: most steps of the main pass and of each restart segment (as in
+            :func:`~difsolve.solve`; checked before any grid is built).
 
     ``stats.nfe`` counts every segment; ``stats.steps`` the steps of every segment.
     """
@@ -87,18 +89,22 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
         raise IncompatibleError(
             "argument `solver`: Restart sampling steps the probability-flow ODE; pass an ODE "
             "solver such as Heun() or DPMSolver(2)")
-    check_int(steps, "steps")
+    steps = check_int(steps, "steps")
+    max_steps = check_int(max_steps, "max_steps")
+    check(steps <= max_steps, "steps", f"at most max_steps={max_steps} steps", steps)
     if not isinstance(denoise, bool):
         raise ArgumentTypeError(f"argument `denoise` must be a bool, got {denoise!r}")
     if isinstance(restarts, Restart):
         restarts = (restarts,)
-    if not hasattr(restarts, "__iter__"):
+    if not hasattr(restarts, "__iter__") or isinstance(restarts, torch.Tensor):
         raise ArgumentTypeError(
             f"argument `restarts` must be a sequence of Restart objects, got {restarts!r}")
     restarts = tuple(restarts)
     for r in restarts:
         if not isinstance(r, Restart):
             raise ArgumentTypeError(f"argument `restarts` must hold Restart objects, got {r!r}")
+        check(r.steps <= max_steps, "restarts", f"segments of at most max_steps={max_steps} "
+              "steps", r.steps)
     process = field.process
     ode = ProbabilityFlowODE(field)
     solver.check_dynamics(ode)
@@ -118,7 +124,7 @@ def restart_sample(field, shape, *, solver: Solver | None = None, steps: int = 1
     def run(x, g):
         nonlocal nfe, total_steps, sol
         sol = solve(ode, x, g[0], g[-1], solver=solver, steps=g, time_variable=time_variable,
-                    cond=cond)
+                    cond=cond, max_steps=max_steps)
         nfe += sol.stats.nfe
         total_steps = total_steps + sol.stats.steps
         return sol.x

@@ -149,6 +149,13 @@ ENTRY_POINTS = {
     "weak_order": (ds.convergence.weak_order, lambda: dict(
         dynamics=ds.ReverseSDE(FIELD_VP), x0=X.clone(), t0=1.0, t1=0.5,
         solver=ds.EulerMaruyama(), steps=(1, 2), generator=torch.Generator().manual_seed(0))),
+    "restart_sample": (ds.restart_sample, lambda: dict(field=FIELD_EDM, shape=(3, 2), steps=4,
+                                                      generator=0)),
+    "dist_sample": (ds.distributed.sample, lambda: dict(field=FIELD_EDM, n=5, batch_size=2,
+                                                        steps=3, solver=ds.Euler())),
+    "dist_ll": (ds.distributed.log_likelihood, lambda: dict(
+        field=FIELD_VP, data=X.clone(), batch_size=2, controller=ds.PIController(1e-2, 1e-2),
+        max_steps=MAX_STEPS)),
 }
 
 
@@ -281,18 +288,33 @@ CONSTRUCTORS = {
     ds.BrownianPath: (dict(t0=0.0, t1=1.0, shape=(3, 2)), _use_path),
     ds.Hutchinson: (dict(probes=2), _use_trace), ds.ExactTrace: ({}, _use_trace),
     ds.ButcherTableau: (dict(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5)), lambda tab: None),
+    ds.DPMSolver: ({}, _use_solver),
+    ds.EDMStochasticHeun: (dict(churn=1.0), _use_solver),
+    ds.Poisson: (dict(D=4), _use_process),
+    ds.RectifiedFlow: ({}, _use_process),
+    ds.DiscreteVP: (dict(alphas_cumprod=torch.linspace(0.999, 0.01, 50)), _use_process),
+    ds.DiscreteVP.linear: (dict(n=50), _use_process),
+    ds.DiscreteVP.cosine: (dict(n=50), _use_process),
+    ds.PoissonField.from_data: (dict(points=torch.randn(8, 2), D=4), _use_field),
+    ds.DiscreteDenoiser: (dict(model=_Model(), schedule=ds.DiscreteVP.linear(50)), _use_field),
+    ds.DDIM: ({}, _use_solver), ds.EulerAncestral: ({}, _use_solver),
+    ds.DPMSolverSDE: ({}, _use_solver), ds.SASolver: ({}, _use_solver),
+    ds.Restart: (dict(sigma_lo=0.3, sigma_hi=2.0), lambda r: check_result(outcome(
+        lambda: ds.restart_sample(FIELD_EDM, (2, 2), steps=4, restarts=(r,), generator=0)))),
 }
 
 
-def _init_arguments(cls):
-    return [name for name in _arguments(cls.__init__) if name != "self"]
+def _init_arguments(fn):
+    """The arguments of a class's constructor, or of a constructor function (classmethod)."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    return [name for name in _arguments(target) if name not in ("self", "cls")]
 
 
 CTOR_CASES = [(cls, arg) for cls in CONSTRUCTORS for arg in _init_arguments(cls)]
 
 
 @pytest.mark.parametrize("cls,arg", CTOR_CASES,
-                         ids=[f"{c.__name__}-{a}" for c, a in CTOR_CASES])
+                         ids=[f"{c.__qualname__}-{a}" for c, a in CTOR_CASES])
 @given(value=ANYTHING)
 def test_fuzz_constructor_argument(cls, arg, value):
     valid, use = CONSTRUCTORS[cls]

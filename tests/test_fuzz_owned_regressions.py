@@ -1,4 +1,5 @@
-"""Issue-15 regressions in files owned by other helpers (fail until their owners fix them)."""
+"""Issue-15 regressions in the multistep, stochastic, restart, PFGM++, DiscreteVP, schedule and
+distributed modules (the fuzz harness of test_fuzz.py)."""
 import numpy as np
 import pytest
 import torch

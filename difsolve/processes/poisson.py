@@ -60,6 +60,10 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 # ----- the t-kernel ----------------------------------------------------------------------------
+#: the largest finite D (beyond it PFGM++ is EDM to double precision: pass math.inf)
+MAX_D = 2**53
+
+
 def _check_D(D) -> float:
     """Validate the number of augmented dimensions: a positive integer (an int, or an
     integer-valued float such as ``1e6``) or ``math.inf``."""
@@ -69,12 +73,14 @@ def _check_D(D) -> float:
         D = float(D)
         if math.isinf(D) and D > 0:
             return math.inf
-        check(math.isfinite(D) and D.is_integer() and D >= 1, "D",
+        check(math.isfinite(D) and D.is_integer() and 1 <= D <= MAX_D, "D",
               "a positive integer or math.inf", D)
         return int(D)
     if not isinstance(D, numbers.Integral):
         raise ArgumentTypeError(f"argument `D` must be a positive int or math.inf, got {D!r}")
-    return check_int(int(D), "D", minimum=1)
+    D = check_int(int(D), "D", minimum=1)
+    check(D <= MAX_D, "D", f"at most {MAX_D:.0e} (or math.inf)", D)
+    return D
 
 
 def _lgamma_shift(a: float, b: float) -> float:
