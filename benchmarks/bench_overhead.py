@@ -20,6 +20,7 @@ Expected time: full about 1 min, --quick a few seconds.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,12 +51,21 @@ class LinearSDE(Linear):
 
 
 def best_of(fn, repeats: int) -> float:
-    times = []
+    return race({"fn": fn}, repeats)["fn"]
+
+
+def race(fns: dict, repeats: int) -> dict[str, float]:
+    """Best wall time of each callable over ``repeats`` interleaved rounds (every contender runs
+    once per round, so a change in the machine's load affects all of them alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def fixed_ode(batch: int, n: int, repeats: int) -> dict[str, float]:
@@ -88,13 +98,11 @@ def fixed_ode(batch: int, n: int, repeats: int) -> dict[str, float]:
     def k_diffusion_euler():
         kd.sample_euler(lambda x, s: 0.5 * x, x0, sigmas, disable=True)
 
-    base = best_of(field_only, repeats)
-    out = {}
-    for name, fn in [("bare loop", bare), ("difsolve Euler", ours),
-                     ("torchdiffeq euler", torchdiffeq_euler),
-                     ("k-diffusion sample_euler", k_diffusion_euler)]:
-        fn()
-        out[name] = (best_of(fn, repeats) - base) / n * 1e6
+    times = race({"field": field_only, "bare loop": bare, "difsolve Euler": ours,
+                  "torchdiffeq euler": torchdiffeq_euler,
+                  "k-diffusion sample_euler": k_diffusion_euler}, repeats)
+    base = times.pop("field")
+    out = {name: (wall - base) / n * 1e6 for name, wall in times.items()}
     out["field"] = base / n * 1e6
     return out
 
@@ -127,12 +135,10 @@ def fixed_sde(batch: int, n: int, repeats: int) -> dict[str, float]:
     def torchsde_euler():
         torchsde.sdeint(sde, x0, torch.tensor([0.0, 1.0]), method="euler", dt=1.0 / n)
 
-    base = best_of(field_only, repeats)
-    out = {}
-    for name, fn in [("difsolve EulerMaruyama", ours), ("torchsde euler", torchsde_euler)]:
-        fn()
-        out[name] = (best_of(fn, repeats) - base) / n * 1e6
-    return out
+    times = race({"field": field_only, "difsolve EulerMaruyama": ours,
+                  "torchsde euler": torchsde_euler}, repeats)
+    base = times.pop("field")
+    return {name: (wall - base) / n * 1e6 for name, wall in times.items()}
 
 
 class StandardGaussianField:
@@ -153,18 +159,11 @@ def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple[float, fl
     field = StandardGaussianField(process)
     x0 = process.prior_sample((batch, 2), generator=torch.Generator().manual_seed(0))
     ctrl = ds.PIController(rtol=rtol, atol=rtol, pcoeff=0.3, icoeff=0.4, safety=0.8)
-    out = {}
     result = {}
 
     def ours():
         result["sol"] = ds.sample(field, x_T=x0, solver=ds.DPMSolver(3, corrector=True),
                                   controller=ctrl, denoise=False)
-
-    ours()
-    wall = best_of(ours, repeats)
-    out["difsolve DPMSolver(3)+C PI (log_sigma)"] = (
-        wall / float(result["sol"].stats.nfe_per_sample.float().mean()) * 1e6,
-        float(result["sol"].stats.nfe_per_sample.float().mean()))
 
     ode = ds.dynamics.LogSigmaTime(ds.ProbabilityFlowODE(field))
     u0 = float(ode.to_u(torch.tensor(process.t_max)))
@@ -179,16 +178,19 @@ def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple[float, fl
                                   term=term)
     adjoint = to.AutoDiffAdjoint(step, controller)
     t_eval = torch.tensor([[u0, u1]]).expand(batch, 2)
-    stats = {}
 
     def torchode_run():
-        sol = adjoint.solve(to.InitialValueProblem(y0=x0, t_eval=t_eval))
-        stats["nfe"] = float(sol.stats["n_f_evals"].float().mean())
+        result["torchode"] = adjoint.solve(to.InitialValueProblem(y0=x0, t_eval=t_eval))
 
-    torchode_run()
-    wall = best_of(torchode_run, repeats)
-    out["torchode Dopri5 PID (log_sigma)"] = (wall / stats["nfe"] * 1e6, stats["nfe"])
-    return out
+    times = race({"ours": ours, "torchode": torchode_run}, repeats)
+    sol = result["sol"]
+    nfe = float(sol.stats.nfe_per_sample.float().mean())
+    steps = float(sol.stats.steps.float().mean())
+    ref = result["torchode"].stats
+    t_nfe = float(ref["n_f_evals"].float().mean())
+    t_steps = float(ref["n_steps"].float().mean())
+    return {"difsolve DPMSolver(3)+C PI (log_sigma)": (times["ours"], nfe, steps),
+            "torchode Dopri5 PID (log_sigma)": (times["torchode"], t_nfe, t_steps)}
 
 
 def main(argv=None) -> int:
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    batch, n, repeats = (4096, 200, 3) if args.quick else (4096, 1000, 7)
+    batch, n, repeats = (4096, 200, 5) if args.quick else (4096, 500, 15)
     print(f"== fixed-step ODE: batch {batch} x 2, float32, {n} Euler steps; overhead per "
           "evaluation (us), field cost subtracted")
     res = fixed_ode(batch, n, repeats)
@@ -214,12 +216,15 @@ def main(argv=None) -> int:
         print(f"  {name:28s} {us:8.2f} us")
     print(f"  difsolve / torchsde = {res['difsolve EulerMaruyama'] / res['torchsde euler']:.2f}")
     print("== adaptive, EDM PF-ODE of N(0, I) data, batch 512 x 2, float32, rtol = atol = 1e-4: "
-          "wall time per evaluation (us), evaluations per sample")
+          "whole solve, per step and per evaluation (us)")
     res = adaptive(512, repeats, 1e-4)
-    for name, (us, nfe) in res.items():
-        print(f"  {name:40s} {us:8.1f} us/eval  {nfe:6.1f} NFE")
-    names = list(res)
-    print(f"  difsolve / torchode (per evaluation) = {res[names[0]][0] / res[names[1]][0]:.2f}")
+    for name, (wall, nfe, steps) in res.items():
+        print(f"  {name:40s} {wall * 1e3:7.1f} ms  {nfe:6.1f} NFE  {steps:5.1f} steps  "
+              f"{wall / steps * 1e6:7.1f} us/step  {wall / nfe * 1e6:7.1f} us/eval")
+    (ours, o_nfe, o_steps), (peer, p_nfe, p_steps) = res.values()
+    print(f"  difsolve / torchode: whole solve {ours / peer:.2f}, per step "
+          f"{(ours / o_steps) / (peer / p_steps):.2f}, per evaluation "
+          f"{(ours / o_nfe) / (peer / p_nfe):.2f}")
     return 0
 
 

@@ -13,10 +13,33 @@ TimeLike = float | int | torch.Tensor
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a per-sample ``(B,)`` tensor so that it broadcasts against ``x`` of shape ``(B, ...)``."""
+    """View a per-sample ``(B,)`` tensor so that it broadcasts against ``x`` of shape ``(B, ...)``.
+
+    A value shared by the batch stored once (a stride-0 ``(B,)`` view, as the fixed loop passes
+    its shared grid) becomes a 0-d view: the elementwise kernels then take it as a scalar, about
+    twice as fast as a broadcast ``(B, 1, ...)`` operand."""
     if v.ndim == 0:
         return v
+    if v.ndim == 1 and v.stride(0) == 0 and v.shape[0] > 0:
+        return v[0]
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+
+
+def where_rows(mask: torch.Tensor, new: tuple, old: tuple) -> tuple:
+    """``torch.where(mask, new_i, old_i)`` per row for each pair (``mask``: ``(B,)``). The mask
+    is expanded to each distinct shape once: a materialised mask makes every ``where`` several
+    times faster than a broadcast one where rows are small, and costs one pass."""
+    masks: dict = {}
+    out = []
+    for n, o in zip(new, old):
+        if n.ndim <= 1:
+            out.append(torch.where(mask, n, o))
+            continue
+        m = masks.get(n.shape)
+        if m is None:
+            m = masks[n.shape] = bcast(mask, n).expand(n.shape).contiguous()
+        out.append(torch.where(m, n, o))
+    return tuple(out)
 
 
 def time_dtype(dtype: torch.dtype) -> torch.dtype:

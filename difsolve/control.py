@@ -241,7 +241,7 @@ class PIController:
         accept = ratio <= 1.0
         # a tolerance below one rounding unit of the state cannot be met by shrinking the step
         # (the error estimate is then rounding noise, now and then exactly 0): fail on rejection
-        unresolvable = self.rounding_ratio(p.x, p.x_new) > 1.0
+        unresolvable = self.unresolvable(p.x, p.x_new)
         fac = self.factor(ratio, prev_ratio, accept, p.error_order)
         h_prop, h_tried = p.h_proposed.abs(), p.h_tried.abs()
         cut = accept & (h_prop > h_tried)  # resume the size before a shortened landing step
@@ -254,7 +254,8 @@ class PIController:
         too_small = (h_next.abs() < tiny * p.t_new.abs().clamp(min=1.0)) & (h_next.abs() < p.left)
         if self.dt_min is not None:
             too_small = too_small | ((h_next.abs() < self.dt_min) & (h_next.abs() < p.left))
-        too_small = too_small | (unresolvable & ~accept)
+        if unresolvable is not False:
+            too_small = too_small | (unresolvable & ~accept)
         fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
                                                    Status.DT_UNDERFLOW.value), _NO_FAULT)
         fault = torch.where(streak >= NONFINITE_RETRIES, Status.NONFINITE.value, fault)
@@ -278,6 +279,14 @@ class PIController:
                 f"argument `norm` must return a floating-point tensor of shape "
                 f"({scaled.shape[0]},) (one norm per row), got {_short(out)}")
         return out
+
+    def unresolvable(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor | bool:
+        """Per sample: is one rounding unit of the state above the tolerance? (False without
+        computing it where ``rtol`` is at least the dtype's epsilon and the norm is the RMS:
+        each scaled rounding unit ``eps |y| / (atol + rtol |y|)`` is then at most 1.)"""
+        if self.norm is rms and self.rtol >= torch.finfo(y1.dtype).eps:
+            return False
+        return self.rounding_ratio(y0, y1) > 1.0
 
     def rounding_ratio(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         """Per-sample norm of one rounding unit of the state in units of the tolerance

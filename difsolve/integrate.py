@@ -35,7 +35,7 @@ from ._errors import (
     check_int,
     check_tensor,
 )
-from ._tensor import all_finite, as_time, bcast, time_dtype
+from ._tensor import all_finite, as_time, bcast, time_dtype, where_rows
 from .brownian import BrownianPath
 from .conditioning import Conditioned, RowCondition
 from .control import SCHEDULES, Controller, Proposal, make_grid
@@ -391,8 +391,9 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="solve", unit="step")
+    us, hs = u_cols.unbind(0), h_cols.unbind(0)  # views made once, not indexed per step
     for i in iterator:
-        u, h = u_cols[i], h_cols[i]
+        u, h = us[i], hs[i]
         if corrector is not None:
             x_t = x if warp is None else warp.decode(x, t_cols[i])
             x_t, c_nfe = corrector.correct(outer, x_t, t_cols[i], problem.stream)
@@ -419,7 +420,7 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
         x = warp.decode(x, t_cols[n])
         good = good.decoded(warp)
     status = torch.where(good.alive, Status.SUCCESS.value, Status.NONFINITE.value)
-    steps_done = torch.where(good.alive, n, good.steps)
+    steps_done = torch.where(good.alive, n, torch.as_tensor(good.steps, device=x.device))
     stats = Stats(nfe=nfe, nfe_per_sample=torch.full_like(steps_done, nfe), steps=steps_done,
                   accepted=steps_done.clone(), rejected=torch.zeros_like(steps_done))
     saved = None
@@ -432,23 +433,35 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
 
 @dataclass
 class _LastGood:
-    """Per row: still finite, and the last state and time at which it was checked finite."""
+    """Per row: still finite, and the last state and time at which it was checked finite.
+
+    On the CPU, where reading a value on the host costs nothing, a check first sums the state: a
+    finite sum means every row is finite, and the check keeps references only (no pass writing
+    the state). Otherwise, and on accelerators (no host synchronisation in the loop), each row is
+    checked and the last good values are selected row by row.
+    """
 
     alive: torch.Tensor
     x: torch.Tensor
     t: torch.Tensor
-    steps: torch.Tensor
+    steps: torch.Tensor | int  # an int while every row is alive (the step of the last check)
+    host_check: bool
+    intact: bool = True  # no row has failed yet
 
     @classmethod
     def start(cls, x, t):
         alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return cls(alive, x, t, steps)
+        return cls(alive, x, t, 0, host_check=x.device.type == "cpu")
 
     def update(self, x, t, step: int) -> _LastGood:
+        if self.host_check and self.intact and bool(torch.isfinite(x.sum())):
+            return dataclasses.replace(self, x=x, t=t, steps=step)
         ok = all_finite(x) & self.alive
+        steps = self.steps
+        if not isinstance(steps, torch.Tensor):
+            steps = torch.full_like(ok, steps, dtype=torch.long)
         return _LastGood(ok, torch.where(bcast(ok, x), x, self.x), torch.where(ok, t, self.t),
-                         torch.where(ok, step, self.steps))
+                         torch.where(ok, step, steps), self.host_check, intact=False)
 
     def decoded(self, warp) -> _LastGood:
         return dataclasses.replace(self, x=warp.decode(self.x, self.t))
@@ -623,10 +636,9 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
         left=(s.end - t_new).abs(), finite=finite, error_order=solver.error_order))
     live = ~s.done
     accept = decision.accept & finite & live
-    x = torch.where(bcast(accept, s.x), x_new, s.x)
-    t = torch.where(accept, t_new, s.t)
-    solver_state = tuple(torch.where(bcast(accept, new), new, old)
-                         for new, old in zip(step.state, s.solver))
+    x, t, *solver_state = where_rows(accept, (x_new, t_new, *step.state),
+                                     (s.x, s.t, *s.solver))
+    solver_state = tuple(solver_state)
     noise_state = noise.commit(s.noise, proposal, accept) if noise is not None else s.noise
     ctrl_state = tuple(torch.where(bcast(live, new), new, old)
                        for new, old in zip(decision.state, s.controller))

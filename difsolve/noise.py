@@ -220,7 +220,7 @@ class FreshNoise:
         return ()
 
     def propose(self, state, x, t, h, rows=None):
-        return bcast(h.abs().sqrt(), x) * self.stream.randn(x, rows), None
+        return bcast(h, x).abs().sqrt() * self.stream.randn(x, rows), None
 
     def commit(self, state, proposal, accept) -> State:
         return state

@@ -53,21 +53,23 @@ References: Lu et al., *DPM-Solver* (2022) and *DPM-Solver++* (2022b); Zhao et a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._errors import ArgumentTypeError, IncompatibleError, check, check_choice
-from .._tensor import bcast
+from .._tensor import bcast, where_rows
 from ..dynamics import TimeChange, split_time_change
 from .base import Solver, Step
 
-__all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights"]
+__all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights",
+           "masked_lagrange_weights"]
 
-#: below this |h| the psi functions are summed from their Taylor series (no cancellation)
+#: up to this |h| the kernel moments are integrated by quadrature (no cancellation)
 _SERIES_BELOW = 2.0
-_SERIES_TERMS = 24
+#: Gauss-Legendre nodes of that quadrature (error far below float64 rounding for |h| <= 2)
+_QUADRATURE_NODES = 12
 #: single-step start (Lu et al. 2022, Alg. 1): the points as fractions of h (the start first)
 #: and, per stage and for the final update, the indices of the points it interpolates
 _STARTS = {
@@ -77,32 +79,60 @@ _STARTS = {
 
 
 def data_moments(h: torch.Tensor, k: int) -> torch.Tensor:
-    """``M_m = int_0^h e^{-(h-v)} v^m dv = m! psi_{m+1}(h)`` for ``m < k``: ``(B, k)``.
-
-    Forward recurrence ``psi_{m+1} = h^m/m! - psi_m`` where ``|h|`` is not small; for small ``|h|``
-    the top ``psi_k`` from its Taylor series and the backward recurrence, which does not cancel.
-    """
-    small = h.abs() < _SERIES_BELOW
-    hs = torch.where(small, h, torch.zeros_like(h))
-    hl = torch.where(small, torch.ones_like(h), h)
-    acc = torch.full_like(h, 1.0 / math.factorial(k + _SERIES_TERMS))
-    for i in range(_SERIES_TERMS - 1, -1, -1):  # psi_k = h^k sum_i (-h)^i / (k+i)!, by Horner
-        acc = 1.0 / math.factorial(k + i) - hs * acc
-    back = [hs**k * acc]
-    for j in range(k - 1, 0, -1):
-        back.append(hs**j / math.factorial(j) - back[-1])
-    back.reverse()  # psi_1 .. psi_k
-    fwd = [-torch.expm1(-hl)]
-    for j in range(1, k):
-        fwd.append(hl**j / math.factorial(j) - fwd[-1])
-    return torch.stack([math.factorial(j) * torch.where(small, back[j], fwd[j])
-                        for j in range(k)], dim=1)
+    """``M_m = int_0^h e^{-(h-v)} v^m dv = m! psi_{m+1}(h)`` for ``m < k``: ``(B, k)``
+    (a transposed view of :func:`kernel_moments`)."""
+    return kernel_moments(h, k, "data").T
 
 
 def noise_moments(h: torch.Tensor, k: int) -> torch.Tensor:
     """``N_m = int_0^h e^{h-v} v^m dv = (-1)^{m+1} M_m(-h)``: ``(B, k)``."""
-    sign = torch.tensor([(-1.0) ** (m + 1) for m in range(k)], dtype=h.dtype, device=h.device)
-    return data_moments(-h, k) * sign
+    return kernel_moments(h, k, "noise").T
+
+
+def kernel_moments(h: torch.Tensor, k: int, form: str = "data") -> torch.Tensor:
+    """Kernel moments ``m < k`` of the ``"data"`` kernel ``e^{-(h-v)}`` or the ``"noise"``
+    kernel ``e^{h-v}`` (``N_m(h) = (-1)^{m+1} M_m(-h)``), moment-major: ``(k, B)``.
+
+    For ``|h| <= 2``: ``M_m = h^{m+1} int_0^1 e^{-h(1-s)} s^m ds`` by Gauss-Legendre quadrature
+    with :data:`_QUADRATURE_NODES` nodes (the integrand is entire; the rule is exact to rounding
+    there, and a small ``h`` does not cancel). Elsewhere the forward recurrence
+    ``M_0 = 1 - e^{-h}``, ``M_m = h^m - m M_{m-1}``, stable for large ``|h|``. Elementwise
+    operations and reductions over a leading dimension only: a row's moments do not depend on
+    its position in the batch.
+    """
+    if form == "noise":
+        h = -h
+    small = h.abs() <= _SERIES_BELOW
+    hs = torch.where(small, h, 0.0)
+    nodes, basis = _quadrature_rule(k, h.dtype, h.device)  # (Q, 1): s_q - 1; (k, Q, 1)
+    near = (basis * torch.exp(nodes * hs)).sum(1) * hs.expand(k, -1).cumprod(0)
+    hl = torch.where(small, 1.0, h)
+    powers = hl.expand(k, -1).cumprod(0)  # h, h^2, ...
+    far = [-torch.expm1(-hl)]
+    for m in range(1, k):
+        far.append(powers[m - 1] - m * far[-1])
+    moments = torch.where(small, near, torch.stack(far))
+    if form == "noise":
+        sign = torch.tensor([(-1.0) ** (m + 1) for m in range(k)], dtype=h.dtype,
+                            device=h.device)
+        moments = moments * sign[:, None]
+    return moments
+
+
+_RULES: dict = {}
+
+
+def _quadrature_rule(k: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Legendre ``s_q - 1`` ``(Q, 1)`` on ``[0, 1]`` and ``w_q s_q^m`` ``(k, Q, 1)``,
+    cached per dtype and device."""
+    key = (k, dtype, str(device))
+    if key not in _RULES:
+        s, w = np.polynomial.legendre.leggauss(_QUADRATURE_NODES)
+        s, w = (s + 1.0) / 2.0, w / 2.0
+        basis = np.stack([w * s**m for m in range(k)])
+        _RULES[key] = (torch.tensor(s - 1.0, dtype=dtype, device=device)[:, None],
+                       torch.tensor(basis, dtype=dtype, device=device)[:, :, None])
+    return _RULES[key]
 
 
 def lagrange_weights(nodes: list, moments: torch.Tensor) -> torch.Tensor:
@@ -112,24 +142,71 @@ def lagrange_weights(nodes: list, moments: torch.Tensor) -> torch.Tensor:
     Closed form, no linear solve: the coefficients of ``prod_{i != j} (v - v_i)`` by synthetic
     division of ``prod_i (v - v_i)`` by ``v - v_j``, divided by ``prod_{i != j} (v_j - v_i)``.
     """
-    k = len(nodes)
     one = torch.ones_like(moments[:, 0])
-    v = torch.stack([n * one for n in nodes], dim=1)  # (B, k)
-    full = one[:, None]  # coefficients of prod_i (v - v_i), low to high
-    zero = torch.zeros_like(full)
-    for i in range(k):
-        full = torch.cat([zero, full], 1) - v[:, i:i + 1] * torch.cat([full, zero], 1)
-    q = [full[:, k:k + 1].expand(-1, k)]  # quotient coefficients, high to low, for every j
+    v = torch.stack([n * one for n in nodes])  # (k, B)
+    return masked_weights(v, torch.ones_like(v, dtype=torch.bool), moments.T).T
+
+
+def masked_lagrange_weights(nodes: torch.Tensor, used: torch.Tensor,
+                            moments: torch.Tensor) -> torch.Tensor:
+    """:func:`lagrange_weights` of the nodes ``nodes[r, used[r]]`` of each row ``r`` (rows of
+    different orders in one pass; ``nodes``, ``used``, ``moments``: ``(B, k)``), zero for the
+    unused nodes."""
+    return masked_weights(nodes.T, used.T, moments.T).T
+
+
+def masked_weights(nodes: torch.Tensor, used: torch.Tensor, moments: torch.Tensor,
+                   denominator: torch.Tensor | None = None,
+                   poly: torch.Tensor | None = None) -> torch.Tensor:
+    """Node-major core of :func:`masked_lagrange_weights`: ``(k, B)`` in and out.
+
+    An unused node is a node at infinity: its factor of every basis polynomial is 1. The
+    coefficients of ``P(v) = prod_{i used} (v - v_i)``; those of ``P(v) / (v - v_j)`` by synthetic
+    division (exact for a used ``v_j``; leading zero coefficients of a lower-degree row divide
+    through); ``w_j = sum_m c_jm M_m / prod_{i != j, used} (v_j - v_i)`` (the denominators and
+    ``P``'s coefficients ``(k + 1, B)`` may be given). Every operation runs along the batch, the
+    fast direction on every device.
+    """
+    k = nodes.shape[0]
+    if denominator is None:
+        others = used[None, :, :] & ~torch.eye(k, dtype=torch.bool,
+                                               device=nodes.device)[:, :, None]
+        denominator = torch.where(others, nodes[:, None, :] - nodes[None, :, :], 1.0).prod(1)
+    if poly is None:
+        poly = _product_poly(nodes, used)
+    q = [poly[k].expand(k, -1)]  # quotient coefficients, high to low, for every j
     for m in range(k - 1, 0, -1):
-        q.append(full[:, m:m + 1] + v * q[-1])
-    quotient = torch.stack(q[::-1], dim=2)  # (B, j, m)
-    diff = v[:, :, None] - v[:, None, :] + torch.eye(k, dtype=v.dtype, device=v.device)
-    return (quotient * moments[:, None, :k]).sum(2) / diff.prod(2)
+        q.append(poly[m] + nodes * q[-1])
+    numerator = (torch.stack(q[::-1]) * moments[:k, None, :]).sum(0)
+    return torch.where(used, numerator / torch.where(used, denominator, 1.0), 0.0)
+
+
+def _product_poly(nodes: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Coefficients (low to high) of ``prod_{i used} (v - v_i)``: ``(k + 1, B)``."""
+    zero = torch.zeros_like(nodes[:1])
+    poly = torch.cat([torch.ones_like(zero), zero.expand(nodes.shape[0], -1)])
+    for i in range(nodes.shape[0]):
+        poly = torch.where(used[i], _times_linear(poly, nodes[i], zero), poly)
+    return poly
+
+
+def _times_linear(poly: torch.Tensor, root: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Coefficients of ``P(v) (v - root)`` (the top coefficient of ``P`` must be 0)."""
+    return torch.cat([zero, poly[:-1]]) - root * poly
 
 
 def _replace(moments: torch.Tensor, j: int, value: torch.Tensor) -> torch.Tensor:
-    """``moments`` with column ``j`` replaced (out of place, so autograd can see through it)."""
-    return torch.cat([moments[:, :j], value[:, None], moments[:, j + 1:]], dim=1)
+    """Moment-major ``moments`` ``(k, B)`` with moment ``j`` replaced (out of place, so autograd
+    can see through it)."""
+    return torch.cat([moments[:j], value[None], moments[j + 1:]])
+
+
+def _weights_of(nodes: list, moments: torch.Tensor) -> torch.Tensor:
+    """Node-major Lagrange weights ``(k, B)`` of ``nodes`` (tensors ``(B,)`` or numbers) from
+    moment-major ``moments``."""
+    one = torch.ones_like(moments[0])
+    v = torch.stack([n * one for n in nodes])
+    return masked_weights(v, torch.ones_like(v, dtype=torch.bool), moments)
 
 
 def marginal_log_snr(process, t: torch.Tensor):
@@ -162,7 +239,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class _Plan:
-    """Per-step weights ``(n, p)`` / ``(n, p + 1)`` and scale factors ``(n,)`` of a shared grid."""
+    """Per-step weights ``(p, n)`` / ``(p + 1, n)`` and scale factors ``(n,)`` of a shared grid."""
 
     predictor: torch.Tensor
     corrector: torch.Tensor | None
@@ -203,30 +280,39 @@ class Multistep(Solver):
 
     # ----- what distinguishes the methods ---------------------------------------------------
 
+    # Moments, nodes and weights are moment-/node-major, ``(k, B)``: every operation then runs
+    # along the batch (a small trailing dimension makes each elementwise kernel several times
+    # slower on the CPU).
+
     def predictor_moments(self, moments: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
-        """Moments used by the order-``k`` predictor (default: exact)."""
+        """Moments ``(k, B)`` used by the order-``k`` predictor (default: exact)."""
         return moments
 
     def corrector_moments(self, moments: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
-        """Moments used by the corrector of predictor order ``k`` (default: exact)."""
+        """Moments ``(k + 1, B)`` used by the corrector of predictor order ``k`` (default:
+        exact)."""
         return moments
 
     def moments(self, h: torch.Tensor, k: int) -> torch.Tensor:
-        return data_moments(h, k) if self.form == "data" else noise_moments(h, k)
+        """Exact kernel moments ``m < k`` of this method's form: ``(k, B)``."""
+        return kernel_moments(h, k, self.form)
 
     def predictor_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
                           moments: torch.Tensor) -> torch.Tensor:
-        """Weights ``(B, k)`` of ``F_0, F_1, ...`` for the order-``k`` predictor (``moments``:
-        the exact kernel moments, at least ``k`` of them)."""
-        m = self.predictor_moments(moments[:, :k], h, k)
-        return lagrange_weights([torch.zeros_like(h), *past[:k - 1]], m)
+        """Weights ``(k, B)`` of ``F_0, F_1, ...`` for the order-``k`` predictor (``moments``:
+        the exact kernel moments, at least ``k`` of them). Overriding it (as iPNDM does) makes
+        the per-row path compute each order separately."""
+        m = self.predictor_moments(moments[:k], h, k)
+        nodes = torch.stack([torch.zeros_like(h), *past[:k - 1]])
+        return masked_weights(nodes, torch.ones_like(nodes, dtype=torch.bool), m)
 
     def corrector_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
                           moments: torch.Tensor) -> torch.Tensor:
-        """Weights ``(B, k + 1)`` of ``F_new, F_0, F_1, ...`` (UniC with ``k + 1`` nodes)."""
-        m = self.corrector_moments(moments[:, :k + 1], h, k)
+        """Weights ``(k + 1, B)`` of ``F_new, F_0, F_1, ...`` (UniC with ``k + 1`` nodes)."""
+        m = self.corrector_moments(moments[:k + 1], h, k)
         node = torch.where(h == 0, torch.ones_like(h), h)  # h = 0: zero moments, zero weights
-        return lagrange_weights([node, torch.zeros_like(h), *past[:k - 1]], m)
+        nodes = torch.stack([node, torch.zeros_like(h), *past[:k - 1]])
+        return masked_weights(nodes, torch.ones_like(nodes, dtype=torch.bool), m)
 
     # ----- the shared machinery ---------------------------------------------------------------
 
@@ -279,11 +365,15 @@ class Multistep(Solver):
                 torch.zeros_like(lam)), 1
 
     def _combine(self, x, scale_x, scale_f, weights, values):
+        """``scale_x x + scale_f sum_j weights[:, j] values[j]``, accumulated in at least
+        float32."""
         acc = _acc_dtype(x)
-        total = bcast(weights[:, 0], x).to(acc) * values[0].to(acc)
+        w = weights.to(acc)  # (k, B)
+        total = bcast(w[0], x) * values[0].to(acc)
         for j in range(1, len(values)):
-            total = total + bcast(weights[:, j], x).to(acc) * values[j].to(acc)
-        out = bcast(scale_x, x).to(acc) * x.to(acc) + bcast(scale_f, x).to(acc) * total
+            total = torch.addcmul(total, bcast(w[j], x), values[j].to(acc))
+        out = torch.addcmul(bcast(scale_x, x).to(acc) * x.to(acc), bcast(scale_f, x).to(acc),
+                            total)
         return out.to(x.dtype)
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
@@ -306,14 +396,13 @@ class Multistep(Solver):
         values = [f0, *f_hist]
         if plan is not None:  # weights of a grid shared by the batch, computed up front
             i = ctx.index
-            w = plan.predictor[i].expand(x.shape[0], -1)
-            wc = None if plan.corrector is None else plan.corrector[i].expand(x.shape[0], -1)
+            w = plan.predictor[:, i, None].expand(-1, x.shape[0])  # stride-0 rows: scalars
+            wc = None if plan.corrector is None else plan.corrector[:, i, None].expand(
+                -1, x.shape[0])
             scale_x, scale_f = plan.scale_x[i], plan.scale_f[i]
         else:
-            # past nodes (distinct dummies where the history is not there yet)
-            past = [torch.where(count > j, lam.to(wd) - lam_s.to(wd),
-                                torch.full_like(hh, -10.0 * (j + 1)))
-                    for j, lam in enumerate(lam_hist)]
+            lam_w = lam_s.to(wd)
+            past = [lam.to(wd) - lam_w for lam in lam_hist]  # (unused where there is no history)
             cap = p
             if self.lower_order_final and fixed:
                 cap = max(1, min(p, ctx.n_steps - ctx.index))
@@ -333,19 +422,62 @@ class Multistep(Solver):
         return Step(x_new, error, self._keep_where_still(state, new_state, hh), nfe)
 
     def _weights(self, hh, past, order_now, cap):
-        """Predictor ``(B, p)`` and corrector ``(B, p + 1)`` (or None) weights of each row's
-        order ``order_now`` (at most ``cap``), zero-padded."""
+        """Predictor ``(p, B)`` and corrector ``(p + 1, B)`` (or None) weights of each row's
+        order ``order_now`` (at most ``cap``), zero-padded: one masked Lagrange construction for
+        all rows of every order, the corrector's systems (nodes ``h``, then the predictor's)
+        stacked beside the predictor's along the batch."""
+        if self._custom_weights():
+            return self._weights_by_order(hh, past, order_now, cap)
         p = self.predictor_order
-        rows = torch.arange(hh.shape[0], device=hh.device)
+        moments = self.moments(hh, p + 1 if self.corrector else p)
+        nodes = torch.stack([torch.zeros_like(hh), *past])  # (p, B)
+        used = torch.arange(p, device=hh.device)[:, None] < order_now
+        m_pred = self._moments_by_order(self.predictor_moments, moments[:p], hh, order_now, cap)
+        if not self.corrector:
+            return masked_weights(nodes, used, m_pred), None
+        m_corr = self._moments_by_order(self.corrector_moments, moments, hh, order_now, cap)
+        node = torch.where(hh == 0, 1.0, hh)  # h = 0: zero moments, zero weights
+        batch = hh.shape[0]
+        both = masked_weights(
+            torch.cat([torch.cat([nodes, node[None]]), torch.cat([node[None], nodes])], dim=1),
+            torch.cat([torch.cat([used, torch.zeros_like(used[:1])]),
+                       torch.cat([torch.ones_like(used[:1]), used])], dim=1),
+            torch.cat([torch.cat([m_pred, torch.zeros_like(m_pred[:1])]), m_corr], dim=1))
+        return both[:p, :batch], both[:, batch:]
+
+    @staticmethod
+    def _moments_by_order(rule, moments, hh, order_now, cap):
+        """``rule(moments, h, k)`` in the rows of order ``k`` (one ``where`` per order the rule
+        changes)."""
+        out = moments
+        for k in range(1, cap + 1):
+            changed = rule(moments, hh, k)
+            if changed is not moments:
+                out = torch.where(order_now == k, changed, out)
+        return out
+
+    def _custom_weights(self) -> bool:
+        """A subclass with its own weights (e.g. iPNDM's fixed coefficients) takes them order by
+        order."""
+        cls = type(self)
+        return (cls.predictor_weights is not Multistep.predictor_weights
+                or cls.corrector_weights is not Multistep.corrector_weights)
+
+    def _weights_by_order(self, hh, past, order_now, cap):
+        p = self.predictor_order
+        # distinct dummies for the nodes a row does not use
+        past = [torch.where(order_now > j + 1, v, -10.0 * (j + 1)) for j, v in enumerate(past)]
         moments = self.moments(hh, cap + 1 if self.corrector else cap)
-        pred = torch.stack([torch.nn.functional.pad(
-            self.predictor_weights(hh, past, k, moments), (0, p - k))
-            for k in range(1, cap + 1)])[order_now - 1, rows]
-        corr = None
-        if self.corrector:
-            corr = torch.stack([torch.nn.functional.pad(
-                self.corrector_weights(hh, past, k, moments), (0, p - k))
-                for k in range(1, cap + 1)])[order_now - 1, rows]
+
+        def by_order(weights):  # (k or k + 1, B) per order, zero-padded to the top order
+            stacked = torch.stack([torch.nn.functional.pad(weights(hh, past, k, moments).T,
+                                                           (0, p - k))
+                                   for k in range(1, cap + 1)])  # (cap, B, width)
+            rows = torch.arange(hh.shape[0], device=hh.device)
+            return stacked[order_now - 1, rows].T
+
+        pred = by_order(self.predictor_weights)
+        corr = by_order(self.corrector_weights) if self.corrector else None
         return pred, corr
 
     def prepare(self, dynamics, grid: torch.Tensor) -> _Plan | None:
@@ -384,9 +516,7 @@ class Multistep(Solver):
     @staticmethod
     def _keep_where_still(old, new, hh):
         """Rows with a zero-length step keep their state (no repeated node in the history)."""
-        still = hh == 0
-        return tuple(torch.where(bcast(still, n) if n.ndim > 1 else still, o, n)
-                     for o, n in zip(old, new))
+        return where_rows(hh == 0, old, new)
 
     def _singlestep_start(self, process, denoise, x, state, hh, lam_s, lam_t, a_s, b_s,
                           scale_x, scale_f, t_next, last):
@@ -400,14 +530,14 @@ class Multistep(Solver):
             lam_c = lam_s + c * (lam_t - lam_s)
             t_c = process.t_of_sigma(torch.exp(-lam_c))
             a_c, b_c, _ = marginal_log_snr(process, t_c)
-            w = lagrange_weights([fracs[i] * hn for i in nodes], self.moments(c * hh, len(nodes)))
+            w = _weights_of([fracs[i] * hn for i in nodes], self.moments(c * hh, len(nodes)))
             sx, sf = self._coefs(a_s, b_s, a_c, b_c)
             x_c = self._combine(x, sx, sf, w, [values[i] for i in nodes])
             values.append(self._field_value(denoise(x_c, t_c), x_c, a_c, b_c))
             lams.append(lam_c)
             nfe += 1
         final = node_sets[-1]
-        w = lagrange_weights([fracs[i] * hn for i in final], self.moments(hh, len(final)))
+        w = _weights_of([fracs[i] * hn for i in final], self.moments(hh, len(final)))
         x_new = self._combine(x, scale_x, scale_f, w, [values[i] for i in final])
         if last:
             f_new = torch.zeros_like(x)
@@ -451,8 +581,8 @@ class DPMSolver(Multistep):
         if self.variant != "midpoint" or k < 2:
             return moments
         if k == 2:
-            return _replace(moments, 1, h * moments[:, 0] / 2)
-        return _replace(moments, 2, moments[:, 2] / 2)  # k == 3: the reference's 3M
+            return _replace(moments, 1, h * moments[0] / 2)
+        return _replace(moments, 2, moments[2] / 2)  # k == 3: the reference's 3M
 
 
 class UniPC(Multistep):
@@ -470,7 +600,7 @@ class UniPC(Multistep):
         self.bh = bh
 
     def _b_rule(self, moments, h):
-        b = h if self.bh == "bh1" else moments[:, 0]
+        b = h if self.bh == "bh1" else moments[0]
         return _replace(moments, 1, h * b / 2)
 
     def predictor_moments(self, moments, h, k):
@@ -505,5 +635,5 @@ class IPNDM(Multistep):
 
     def predictor_weights(self, h, past, k, moments):
         unit = torch.tensor([1.0 / (m + 1) for m in range(k)], dtype=h.dtype, device=h.device)
-        scaled = moments[:, :1] * unit  # (e^h - 1) int_0^1 u^m du
-        return lagrange_weights([-float(j) for j in range(k)], scaled)
+        scaled = moments[:1] * unit[:, None]  # (e^h - 1) int_0^1 u^m du
+        return _weights_of([-float(j) for j in range(k)], scaled)

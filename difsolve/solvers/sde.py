@@ -39,8 +39,8 @@ class EulerMaruyama(Solver):
     noise_types = ("additive", "diagonal")
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
-        x_new = x + bcast(h, x) * dynamics.drift(x, t) + diffusion_term(dynamics, x, t) * dw
-        return Step(x_new, None, (), 1)
+        x_new = torch.addcmul(x, bcast(h, x), dynamics.drift(x, t))
+        return Step(torch.addcmul(x_new, diffusion_term(dynamics, x, t), dw), None, (), 1)
 
 
 class StochasticHeun(Solver):
