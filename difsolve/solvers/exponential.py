@@ -69,7 +69,7 @@ __all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights
 #: up to this |h| the kernel moments are integrated by quadrature (no cancellation)
 _SERIES_BELOW = 2.0
 #: Gauss-Legendre nodes of that quadrature (error far below float64 rounding for |h| <= 2)
-_QUADRATURE_NODES = 12
+_QUADRATURE_NODES = 10
 #: single-step start (Lu et al. 2022, Alg. 1): the points as fractions of h (the start first)
 #: and, per stage and for the final update, the indices of the points it interpolates
 _STARTS = {
@@ -156,29 +156,28 @@ def masked_lagrange_weights(nodes: torch.Tensor, used: torch.Tensor,
 
 
 def masked_weights(nodes: torch.Tensor, used: torch.Tensor, moments: torch.Tensor,
-                   denominator: torch.Tensor | None = None,
                    poly: torch.Tensor | None = None) -> torch.Tensor:
     """Node-major core of :func:`masked_lagrange_weights`: ``(k, B)`` in and out.
 
-    An unused node is a node at infinity: its factor of every basis polynomial is 1. The
-    coefficients of ``P(v) = prod_{i used} (v - v_i)``; those of ``P(v) / (v - v_j)`` by synthetic
-    division (exact for a used ``v_j``; leading zero coefficients of a lower-degree row divide
-    through); ``w_j = sum_m c_jm M_m / prod_{i != j, used} (v_j - v_i)`` (the denominators and
-    ``P``'s coefficients ``(k + 1, B)`` may be given). Every operation runs along the batch, the
-    fast direction on every device.
+    An unused node is a node at infinity: its factor of every basis polynomial is 1. With
+    ``P(v) = prod_{i used} (v - v_i)`` (its coefficients ``(k + 1, B)`` may be given),
+    ``L_j = P(v) / ((v - v_j) P'(v_j))``: the coefficients ``c_jm`` of ``P(v) / (v - v_j)`` by
+    synthetic division (exact for a used ``v_j``; leading zero coefficients of a lower-degree row
+    divide through), accumulated against the moments on the fly, ``w_j = sum_m c_jm M_m /
+    P'(v_j)``, and ``P'(v_j)`` by Horner's rule. Every operation runs along the batch on
+    ``(k, B)`` tensors, the fast direction on every device.
     """
     k = nodes.shape[0]
-    if denominator is None:
-        others = used[None, :, :] & ~torch.eye(k, dtype=torch.bool,
-                                               device=nodes.device)[:, :, None]
-        denominator = torch.where(others, nodes[:, None, :] - nodes[None, :, :], 1.0).prod(1)
     if poly is None:
         poly = _product_poly(nodes, used)
-    q = [poly[k].expand(k, -1)]  # quotient coefficients, high to low, for every j
+    quotient = poly[k].expand(k, -1)  # c_{j, k-1}
+    numerator = quotient * moments[k - 1]
+    derivative = k * poly[k].expand(k, -1)
     for m in range(k - 1, 0, -1):
-        q.append(poly[m] + nodes * q[-1])
-    numerator = (torch.stack(q[::-1]) * moments[:k, None, :]).sum(0)
-    return torch.where(used, numerator / torch.where(used, denominator, 1.0), 0.0)
+        quotient = poly[m] + nodes * quotient  # c_{j, m-1}
+        numerator = torch.addcmul(numerator, quotient, moments[m - 1])
+        derivative = m * poly[m] + nodes * derivative  # Horner's rule for P'(v_j)
+    return torch.where(used, numerator / torch.where(used, derivative, 1.0), 0.0)
 
 
 def _product_poly(nodes: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
