@@ -454,8 +454,8 @@ class _LastGood:
         return cls(alive, x, t, 0, host_check=x.device.type == "cpu")
 
     def update(self, x, t, step: int) -> _LastGood:
-        if self.host_check and self.intact and bool(torch.isfinite(x.sum())):
-            return dataclasses.replace(self, x=x, t=t, steps=step)
+        if self.host_check and self.intact and math.isfinite(x.sum().item()):
+            return _LastGood(self.alive, x, t, step, True)
         ok = all_finite(x) & self.alive
         steps = self.steps
         if not isinstance(steps, torch.Tensor):
