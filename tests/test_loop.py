@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -147,3 +149,95 @@ def test_solver_steps_compile_without_graph_breaks(solver):
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, t, h, dw), step(x, t, h, dw))
+
+
+# ----- the fast path's pieces --------------------------------------------------------------
+
+class _PoisonedLinear:
+    """``dx/dt = -x``, except that row 1 turns NaN once ``t < 0.5``."""
+
+    def drift(self, x, t):
+        out = -x
+        bad = (t < 0.5) & (torch.arange(x.shape[0]) == 1)
+        return torch.where(bad[:, None], torch.nan, out)
+
+
+@pytest.mark.parametrize("host_check", [True, False])
+def test_a_row_failing_late_keeps_its_last_checked_state(monkeypatch, host_check):
+    """Rows are checked every CHECK_EVERY steps (on the CPU first by one sum, read on the host;
+    on accelerators row by row): a row that fails after several clean checks is attributed
+    exactly, keeps the state and time of its last clean check, and the others are untouched.
+    Both checking paths give the same solution."""
+    from difsolve import integrate
+
+    start = integrate._LastGood.start
+
+    def forced(x, t):
+        return dataclasses.replace(start(x, t), host_check=host_check)
+
+    monkeypatch.setattr(integrate._LastGood, "start", staticmethod(forced))
+    x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    n = 40
+    sol = ds.solve(_PoisonedLinear(), x0, 1.0, 0.0, solver=ds.Euler(), steps=n)
+    grid = torch.linspace(1.0, 0.0, n + 1, dtype=F64)
+    first_bad = int((grid < 0.5).nonzero()[0])  # the step evaluated at t < 0.5 breaks row 1
+    last_check = (first_bad // integrate.CHECK_EVERY) * integrate.CHECK_EVERY
+    expect = torch.zeros(4, dtype=torch.long)
+    expect[1] = ds.Status.NONFINITE.value
+    assert torch.equal(sol.status, expect)
+    assert int(sol.stats.steps[1]) == last_check
+    assert float(sol.last_t[1]) == pytest.approx(float(grid[last_check]))
+    clean = ds.solve(_PoisonedLinear(), x0[1:2], 1.0, float(grid[last_check]),
+                     solver=ds.Euler(), steps=grid[:last_check + 1])
+    torch.testing.assert_close(sol.last_x[1:2], clean.x, rtol=0, atol=1e-15)
+    exact = x0 * (1.0 + 1.0 / n) ** n  # Euler backwards in time: x_{k+1} = (1 + 1/n) x_k
+    torch.testing.assert_close(sol.x[[0, 2, 3]], exact[[0, 2, 3]], rtol=1e-13, atol=1e-13)
+    assert bool(torch.isnan(sol.x[1]).all())
+
+
+def test_masked_weights_equal_each_order_alone():
+    """One masked Lagrange pass gives, row by row, the weights of that row's own order (the
+    unused nodes are nodes at infinity), and the stacked corrector systems equal the
+    order-by-order construction."""
+    from difsolve.solvers.exponential import (
+        kernel_moments,
+        lagrange_weights,
+        masked_lagrange_weights,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    batch, k = 9, 4
+    h = 0.1 + 2.5 * torch.rand(batch, generator=gen, dtype=F64)
+    nodes = torch.cat([torch.zeros(batch, 1, dtype=F64),
+                       -torch.rand(batch, k - 1, generator=gen, dtype=F64).cumsum(1) - 0.05], 1)
+    order = torch.randint(1, k + 1, (batch,), generator=gen)
+    used = torch.arange(k)[None, :] < order[:, None]
+    moments = kernel_moments(h, k).T
+    got = masked_lagrange_weights(nodes, used, moments)
+    for r in range(batch):
+        o = int(order[r])
+        alone = lagrange_weights([nodes[r:r + 1, j] for j in range(o)], moments[r:r + 1, :o])
+        torch.testing.assert_close(got[r, :o], alone[0], rtol=1e-12, atol=1e-14)
+        assert bool((got[r, o:] == 0).all())
+    for solver in (ds.DPMSolver(3, corrector=True), ds.UniPC(3, "bh1"), ds.UniPC(2, "bh2"),
+                   ds.DPMSolver(3, "midpoint")):
+        past = [nodes[:, j] for j in range(1, solver.predictor_order)]
+        cap = solver.predictor_order
+        now = torch.clamp(order, max=cap)
+        pred, corr = solver._weights(h, past, now, cap)
+        ref_pred, ref_corr = solver._weights_by_order(h, past, now, cap)
+        torch.testing.assert_close(pred, ref_pred, rtol=1e-12, atol=1e-13)
+        if corr is not None:
+            torch.testing.assert_close(corr, ref_corr, rtol=1e-12, atol=1e-13)
+
+
+def test_shared_values_broadcast_as_scalars():
+    """A value shared by the batch and stored once (a stride-0 column of a shared grid) becomes a
+    0-d view; a per-row tensor a broadcastable view; both give the same products."""
+    from difsolve._tensor import bcast
+
+    x = torch.randn(5, 3, 2)
+    shared = torch.tensor(0.25).expand(5)
+    rows = torch.full((5,), 0.25)
+    assert bcast(shared, x).ndim == 0 and bcast(rows, x).shape == (5, 1, 1)
+    assert torch.equal(bcast(shared, x) * x, bcast(rows, x) * x)
