@@ -243,17 +243,19 @@ class PIController:
         # (the error estimate is then rounding noise, now and then exactly 0): fail on rejection
         unresolvable = self.unresolvable(p.x, p.x_new)
         fac = self.factor(ratio, prev_ratio, accept, p.error_order)
-        h_prop, h_tried = p.h_proposed.abs(), p.h_tried.abs()
-        cut = accept & (h_prop > h_tried)  # resume the size before a shortened landing step
-        h_next = self.clip(p.h_tried.sign() * torch.where(cut, h_prop, h_tried * fac))
+        # resume the size before a shortened landing step (both steps point the same way)
+        cut = accept & (p.h_proposed.abs() > p.h_tried.abs())
+        h_next = self.clip(torch.where(cut, p.h_proposed, p.h_tried * fac))
         streak = torch.where(p.finite, 0, streak + 1)
         # was the latest rejection caused by non-finite values? (then a collapsing step is a
         # NONFINITE fault: the row is creeping up to where the dynamics break down)
         last_bad = torch.where(accept, last_bad, ~p.finite)
         tiny = 8 * torch.finfo(p.t_new.dtype).eps
-        too_small = (h_next.abs() < tiny * p.t_new.abs().clamp(min=1.0)) & (h_next.abs() < p.left)
+        h_abs = h_next.abs()
+        floor = tiny * p.t_new.abs().clamp(min=1.0)
         if self.dt_min is not None:
-            too_small = too_small | ((h_next.abs() < self.dt_min) & (h_next.abs() < p.left))
+            floor = floor.clamp(min=self.dt_min)
+        too_small = (h_abs < floor) & (h_abs < p.left)
         if unresolvable is not False:
             too_small = too_small | (unresolvable & ~accept)
         fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
@@ -300,11 +302,13 @@ class PIController:
         """Step multiplier from the current and previous error ratios."""
         k = error_order
         tiny = torch.finfo(ratio.dtype).tiny
-        r = ratio.clamp(min=tiny)
-        fac = self.safety * _power(r, -(self.pcoeff + self.icoeff) / k)
+        # safety r^(-(p + i)/k) r_prev^(p/k) as one exp of a sum of logs (elementwise kernels
+        # whose result does not depend on a row's position, see _power); r = inf gives 0 and
+        # r -> 0 gives inf, both clipped below; inf - inf (extreme coefficients) the minimum
+        log_fac = torch.log(ratio.clamp(min=tiny)) * (-(self.pcoeff + self.icoeff) / k)
         if self.pcoeff != 0.0:
-            fac = fac * _power(prev_ratio.clamp(min=tiny), self.pcoeff / k)
-        fac = torch.nan_to_num(fac, nan=self.factor_min, posinf=self.factor_max)
+            log_fac = log_fac + torch.log(prev_ratio.clamp(min=tiny)) * (self.pcoeff / k)
+        fac = torch.nan_to_num(torch.exp(log_fac + math.log(self.safety)), nan=self.factor_min)
         fac = fac.clamp(self.factor_min, self.factor_max)
         return torch.where(accept, fac, fac.clamp(max=1.0))
 

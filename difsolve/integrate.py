@@ -514,9 +514,14 @@ class LoopState:
     nfe: torch.Tensor
     status: torch.Tensor
     done: torch.Tensor
+    #: landing tolerance per row (a step within it of its target lands on it); None: computed
+    #: from the target and the time at every step
+    slack: torch.Tensor | None = None
 
     def select(self, keep: torch.Tensor) -> LoopState:
         def pick(value):
+            if value is None:
+                return None
             if isinstance(value, torch.Tensor):
                 return value[keep]
             if isinstance(value, tuple):
@@ -558,7 +563,8 @@ def _solve_adaptive(problem: _Problem) -> Solution:
                   noise=noise.init(x, rows) if noise is not None else (), cond=problem.cond,
                   steps=torch.zeros(batch, **long), accepted=torch.zeros(batch, **long),
                   rejected=torch.zeros(batch, **long), nfe=torch.full((batch,), nfe, **long),
-                  status=torch.zeros(batch, **long), done=span == 0)
+                  status=torch.zeros(batch, **long), done=span == 0,
+                  slack=_landing_slack(t0, t1, stops))
     out = {"x": x.clone(), "t": t0.clone(), "status": s.status.clone(), "steps": s.steps.clone(),
            "accepted": s.steps.clone(), "rejected": s.steps.clone(), "nfe": s.nfe.clone()}
     xs = None
@@ -566,10 +572,11 @@ def _solve_adaptive(problem: _Problem) -> Solution:
         xs = torch.full((stops.numel(), *x0.shape), math.nan, device=device, dtype=x0.dtype)
         s = _save_at_start(s, stops, xs, x0)
     bar = _Progress(problem.progress)
-    n_active = int((~s.done).sum())
+    n_active, iteration = int((~s.done).sum()), 0
     while n_active > 0:
         s, step_nfe = _adaptive_step(s, dynamics, solver, controller, noise, ctx, stops, xs,
-                                     warp, problem)
+                                     warp, problem, iteration)
+        iteration += 1
         nfe += step_nfe
         n_left, fraction = _sync(s, span, bar.enabled)  # the one host synchronisation per step
         bar.update(fraction)
@@ -609,7 +616,7 @@ def _save_at_start(s: LoopState, stops, xs, x0) -> LoopState:
 
 
 def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops, xs, warp,
-                   problem: _Problem) -> tuple[LoopState, int]:
+                   problem: _Problem, iteration: int) -> tuple[LoopState, int]:
     """Attempt one step on every row of the working set; accept or reject each row."""
     if stops is not None:
         has_stop = s.next_stop < stops.numel()
@@ -618,7 +625,9 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
         has_stop, target = None, s.end
     remaining = (target - s.t) * s.direction
     # land when the step covers what is left up to rounding (no sliver steps of a few ulps)
-    slack = 64 * torch.finfo(s.t.dtype).eps * torch.maximum(target.abs(), s.t.abs())
+    slack = s.slack
+    if slack is None:
+        slack = 64 * torch.finfo(s.t.dtype).eps * torch.maximum(target.abs(), s.t.abs())
     landing = s.h.abs() >= remaining - slack
     h_try = s.direction * torch.minimum(s.h.abs(), remaining)
     dw = proposal = None
@@ -640,12 +649,10 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
                                      (s.x, s.t, *s.solver))
     solver_state = tuple(solver_state)
     noise_state = noise.commit(s.noise, proposal, accept) if noise is not None else s.noise
-    ctrl_state = tuple(torch.where(bcast(live, new), new, old)
-                       for new, old in zip(decision.state, s.controller))
     steps = s.steps + live
     accepted = s.accepted + accept
     rejected = s.rejected + (live & ~accept)
-    nfe = s.nfe + step.nfe * live
+    nfe = torch.add(s.nfe, live, alpha=step.nfe)
     arrived = accept & landing
     next_stop = s.next_stop
     if stops is not None:
@@ -658,9 +665,10 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
             xs[next_stop[hit_rows], s.rows[hit_rows]] = saved.to(xs.dtype)
         next_stop = next_stop + hit
     reached = arrived & (t == s.end)
-    code = torch.full_like(s.status, -1)
-    code = torch.where(steps >= problem.max_steps, Status.MAX_STEPS.value, code)
-    code = torch.where(decision.fault >= 0, decision.fault, code)
+    code = decision.fault  # -1: none
+    if iteration + 1 >= problem.max_steps:  # (no row has taken more steps than the loop)
+        code = torch.where((steps >= problem.max_steps) & (code < 0), Status.MAX_STEPS.value,
+                           code)
     code = torch.where(reached, Status.SUCCESS.value, code)
     finished = live & (code >= 0)
     if problem.callback is not None:
@@ -669,12 +677,21 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
         info = _info(int(steps.max()), t_info, x_info, solver.denoised(solver_state))
         info.update(rows=s.rows, accepted=accept)
         problem.callback(info)
-    new = LoopState(rows=s.rows, x=x, t=t, h=torch.where(live, decision.h, s.h), end=s.end,
+    # (a finished row's step size and controller state are never used again)
+    new = LoopState(rows=s.rows, x=x, t=t, h=decision.h, end=s.end,
                     direction=s.direction, next_stop=next_stop, solver=solver_state,
-                    controller=ctrl_state, noise=noise_state, cond=s.cond, steps=steps,
+                    controller=tuple(decision.state), noise=noise_state, cond=s.cond, steps=steps,
                     accepted=accepted, rejected=rejected, nfe=nfe,
                     status=torch.where(finished, code, s.status), done=s.done | finished)
     return new, step.nfe
+
+
+def _landing_slack(t0: torch.Tensor, t1: torch.Tensor, stops) -> torch.Tensor:
+    """64 rounding units of the largest time a row can meet (its ends and the save points)."""
+    largest = torch.maximum(t0.abs(), t1.abs())
+    if stops is not None:
+        largest = torch.maximum(largest, stops.abs().max())
+    return 64 * torch.finfo(t0.dtype).eps * largest
 
 
 def _sync(s: LoopState, span: torch.Tensor, with_fraction: bool) -> tuple[int, float]:
