@@ -241,3 +241,25 @@ def test_shared_values_broadcast_as_scalars():
     rows = torch.full((5,), 0.25)
     assert bcast(shared, x).ndim == 0 and bcast(rows, x).shape == (5, 1, 1)
     assert torch.equal(bcast(shared, x) * x, bcast(rows, x) * x)
+
+
+@pytest.mark.parametrize("solver", [ds.DPMSolver(3, corrector=True), ds.UniPC(2), ds.DEIS(3),
+                                    ds.IPNDM(4)])
+def test_multistep_steps_compile_without_graph_breaks(solver):
+    """The multistep family's per-row step (weights of every row's order in one pass, in log-sigma
+    time under a controller's per-row steps) compiles as one graph, after its warm-up step."""
+    proc = ds.EDM()
+    mix = ds.GaussianMixture([0.4, 0.6], [[-1.0, 0.0], [1.0, 0.5]], [0.3, 0.2])
+    ode = ds.dynamics.LogSigmaTime(ds.ProbabilityFlowODE(mix.score_field(proc)))
+    ctx = ds.solvers.StepContext()
+    x, u = torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), torch.full((6,), 1.0)
+    h = torch.linspace(-0.2, -0.4, 6)
+    state, _ = solver.init(ode, x, u, ctx)
+    first = solver.step(ode, x, u, h, state, None, ctx)
+    x, u, state = first.x, u + h, first.state
+
+    def step(x, u, h):
+        return solver.step(ode, x, u, h, state, None, ctx).x
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, u, h), step(x, u, h))
