@@ -161,23 +161,32 @@ def masked_weights(nodes: torch.Tensor, used: torch.Tensor, moments: torch.Tenso
 
     An unused node is a node at infinity: its factor of every basis polynomial is 1. With
     ``P(v) = prod_{i used} (v - v_i)`` (its coefficients ``(k + 1, B)`` may be given),
-    ``L_j = P(v) / ((v - v_j) P'(v_j))``: the coefficients ``c_jm`` of ``P(v) / (v - v_j)`` by
-    synthetic division (exact for a used ``v_j``; leading zero coefficients of a lower-degree row
-    divide through), accumulated against the moments on the fly, ``w_j = sum_m c_jm M_m /
-    P'(v_j)``, and ``P'(v_j)`` by Horner's rule. Every operation runs along the batch on
-    ``(k, B)`` tensors, the fast direction on every device.
+    ``L_j = P(v) / ((v - v_j) P'(v_j))`` and ``w_j = sum_m c_jm M_m / P'(v_j)`` (see
+    :func:`_basis_integrals`). Every operation runs along the batch on ``(k, B)`` tensors, the
+    fast direction on every device.
     """
+    (numerator,), derivative, _ = _basis_integrals(nodes, used, [moments], poly)
+    return torch.where(used, numerator / torch.where(used, derivative, 1.0), 0.0)
+
+
+def _basis_integrals(nodes: torch.Tensor, used: torch.Tensor, moment_sets: list,
+                     poly: torch.Tensor | None = None):
+    """``(numerators, P'(v_j), P)``: for each moment set ``M`` (at least ``k`` rows) and every
+    node ``j``, ``sum_m c_jm M_m`` with ``c_j`` the coefficients of ``P(v) / (v - v_j)`` by
+    synthetic division (exact for a used ``v_j``; leading zero coefficients of a lower-degree row
+    divide through), and ``P'(v_j)`` by Horner's rule, in one pass."""
     k = nodes.shape[0]
     if poly is None:
         poly = _product_poly(nodes, used)
     quotient = poly[k].expand(k, -1)  # c_{j, k-1}
-    numerator = quotient * moments[k - 1]
-    derivative = k * poly[k].expand(k, -1)
+    numerators = [quotient * m[k - 1] for m in moment_sets]
+    derivative = k * quotient
     for m in range(k - 1, 0, -1):
         quotient = poly[m] + nodes * quotient  # c_{j, m-1}
-        numerator = torch.addcmul(numerator, quotient, moments[m - 1])
-        derivative = m * poly[m] + nodes * derivative  # Horner's rule for P'(v_j)
-    return torch.where(used, numerator / torch.where(used, derivative, 1.0), 0.0)
+        numerators = [torch.addcmul(n, quotient, ms[m - 1])
+                      for n, ms in zip(numerators, moment_sets)]
+        derivative = m * poly[m] + nodes * derivative
+    return numerators, derivative, poly
 
 
 def _product_poly(nodes: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -435,14 +444,17 @@ class Multistep(Solver):
         if not self.corrector:
             return masked_weights(nodes, used, m_pred), None
         m_corr = self._moments_by_order(self.corrector_moments, moments, hh, order_now, cap)
+        # the corrector's nodes are h and the predictor's: L^c_j = L_j (v - h) / (v_j - h) and
+        # L^c_h = P(v) / P(h), so its weights come from the same pass with shifted moments
+        (n_pred, n_corr, n_shift), derivative, poly = _basis_integrals(
+            nodes, used, [m_pred, m_corr, m_corr[1:]])
+        safe = torch.where(used, derivative, 1.0)
         node = torch.where(hh == 0, 1.0, hh)  # h = 0: zero moments, zero weights
-        batch = hh.shape[0]
-        both = masked_weights(
-            torch.cat([torch.cat([nodes, node[None]]), torch.cat([node[None], nodes])], dim=1),
-            torch.cat([torch.cat([used, torch.zeros_like(used[:1])]),
-                       torch.cat([torch.ones_like(used[:1]), used])], dim=1),
-            torch.cat([torch.cat([m_pred, torch.zeros_like(m_pred[:1])]), m_corr], dim=1))
-        return both[:p, :batch], both[:, batch:]
+        pred = torch.where(used, n_pred / safe, 0.0)
+        corr = torch.where(used, torch.addcmul(n_shift, n_corr, -node) / (safe * (nodes - node)),
+                           0.0)
+        at_h = (poly * m_corr).sum(0) / torch.where(used, node - nodes, 1.0).prod(0)
+        return pred, torch.cat([at_h[None], corr])
 
     @staticmethod
     def _moments_by_order(rule, moments, hh, order_now, cap):
