@@ -55,16 +55,18 @@ def best_of(fn, repeats: int) -> float:
 
 
 def race(fns: dict, repeats: int) -> dict[str, float]:
-    """Best wall time of each callable over ``repeats`` interleaved rounds (every contender runs
-    once per round, so a change in the machine's load affects all of them alike)."""
+    """Best time of each callable over ``repeats`` interleaved rounds (every contender runs once
+    per round, so a change in the machine's load affects all of them alike). The time is the
+    process's CPU time (one thread: ``torch.set_num_threads(1)``), which other processes on the
+    machine do not inflate."""
     for fn in fns.values():
         fn()  # warm-up
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], time.process_time() - start)
     return best
 
 
