@@ -149,9 +149,16 @@ class Solver:
 
 
 def diffusion_term(dynamics, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``g`` broadcast against ``x``: ``diffusion(t)`` for additive noise, ``(x, t)`` for diagonal."""
+    """``g`` broadcast against ``x``: ``diffusion(t)`` for additive noise, ``(x, t)`` for diagonal.
+
+    Additive noise at a time shared by the batch (a stride-0 column of a shared grid) is one value:
+    ``diffusion`` is evaluated on one row and returned as a 0-d tensor (the noise term is then a
+    scalar multiply)."""
     if getattr(dynamics, "noise", "additive") == "diagonal":
         g = dynamics.diffusion(x, t)
+    elif t.ndim == 1 and t.shape[0] > 1 and t.stride(0) == 0:
+        g = dynamics.diffusion(t[:1])
+        return g[0] if g.ndim == 1 else g
     else:
         g = dynamics.diffusion(t)
     if g.ndim == 1 and x.ndim > 1:
