@@ -546,7 +546,7 @@ def _solve_adaptive(problem: _Problem) -> Solution:
     stops = None if problem.save_t is None else to_u(problem.save_t)
     direction = torch.sign(t1 - t0)
     span = (t1 - t0).abs()
-    ctx = problem.context()
+    ctx = problem.context(keeps_still_rows=True)  # see _adaptive_step
     noise = problem.noise_source(adaptive=True)
     rows = torch.arange(batch, device=device)
 
@@ -645,9 +645,10 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
         left=(s.end - t_new).abs(), finite=finite, error_order=solver.error_order))
     live = ~s.done
     accept = decision.accept & finite & live
-    x, t, *solver_state = where_rows(accept, (x_new, t_new, *step.state),
-                                     (s.x, s.t, *s.solver))
-    solver_state = tuple(solver_state)
+    x, t = where_rows(accept, (x_new, t_new), (s.x, s.t))
+    # a zero-length step (a save point within rounding of the last one) moves nothing, and its
+    # solver state must not enter a multistep history (a repeated node)
+    solver_state = where_rows(accept & (h_try != 0), step.state, s.solver)
     noise_state = noise.commit(s.noise, proposal, accept) if noise is not None else s.noise
     steps = s.steps + live
     accepted = s.accepted + accept

@@ -54,6 +54,9 @@ class StepContext:
     stream: object | None = None
     rows: torch.Tensor | None = None
     plan: object = None  # what ``solver.prepare(dynamics, grid)`` returned for a shared grid
+    #: the loop keeps the solver state of rows whose step has zero length (the adaptive loop
+    #: does), so a solver need not select those rows itself
+    keeps_still_rows: bool = False
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         if self.stream is not None:

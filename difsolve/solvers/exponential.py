@@ -427,7 +427,9 @@ class Multistep(Solver):
             x_new = self._combine(x, scale_x, scale_f, wc, [f_new, *values])
             error = x_new - x_pred
         new_state = self._push(state, f_new, lam_t, [f0], [lam_s], count + 1)
-        return Step(x_new, error, self._keep_where_still(state, new_state, hh), nfe)
+        if not ctx.keeps_still_rows:
+            new_state = self._keep_where_still(state, new_state, hh)
+        return Step(x_new, error, new_state, nfe)
 
     def _weights(self, hh, past, order_now, cap):
         """Predictor ``(p, B)`` and corrector ``(p + 1, B)`` (or None) weights of each row's
