@@ -42,6 +42,19 @@ def where_rows(mask: torch.Tensor, new: tuple, old: tuple) -> tuple:
     return tuple(out)
 
 
+def host_reads_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing: a CPU tensor in eager mode (on
+    accelerators a read synchronises the device; under ``torch.compile`` it breaks the graph)."""
+    return t.device.type == "cpu" and not _compiling()
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
+
+
 def time_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype times and step sizes are kept in for states of ``dtype``: at least float32
     (a bfloat16 grid cannot tell 0.97 from 0.969)."""

@@ -35,7 +35,7 @@ from ._errors import (
     check_int,
     check_tensor,
 )
-from ._tensor import all_finite, as_time, bcast, time_dtype, where_rows
+from ._tensor import all_finite, as_time, bcast, host_reads_free, time_dtype, where_rows
 from .brownian import BrownianPath
 from .conditioning import Conditioned, RowCondition
 from .control import SCHEDULES, Controller, Proposal, make_grid
@@ -451,7 +451,7 @@ class _LastGood:
     @classmethod
     def start(cls, x, t):
         alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        return cls(alive, x, t, 0, host_check=x.device.type == "cpu")
+        return cls(alive, x, t, 0, host_check=host_reads_free(x))
 
     def update(self, x, t, step: int) -> _LastGood:
         if self.host_check and self.intact and math.isfinite(x.sum().item()):
