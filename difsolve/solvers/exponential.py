@@ -373,7 +373,7 @@ class Multistep(Solver):
         f0 = self._field_value(denoise(x, t), x, a, b)
         m = self.predictor_order - 1
         return (f0, lam, *([torch.zeros_like(x)] * m), *([torch.zeros_like(lam)] * m),
-                torch.zeros_like(lam)), 1
+                torch.zeros_like(lam, dtype=torch.long)), 1
 
     def _combine(self, x, scale_x, scale_f, weights, values):
         """``scale_x x + scale_f sum_j weights[:, j] values[j]``, accumulated in at least
@@ -393,7 +393,7 @@ class Multistep(Solver):
         f0, lam_s = state[0], state[1]
         f_hist, lam_hist, count = state[2:2 + m], state[2 + m:2 + 2 * m], state[-1]
         t_next = to_t(t + h)
-        a_s, b_s, _ = marginal_log_snr(process, to_t(t))
+        a_s, b_s = process.marginal(to_t(t))
         a_t, b_t, lam_t = marginal_log_snr(process, t_next)
         wd = _weight_dtype(x)
         hh = (lam_t - lam_s).to(wd)
@@ -417,7 +417,7 @@ class Multistep(Solver):
             cap = p
             if self.lower_order_final and fixed:
                 cap = max(1, min(p, ctx.n_steps - ctx.index))
-            w, wc = self._weights(hh, past, torch.clamp(count + 1, max=cap).long(), cap)
+            w, wc = self._weights(hh, past, torch.clamp(count + 1, max=cap), cap)
         x_pred = self._combine(x, scale_x, scale_f, w, values)
         correct = self.corrector and not (last and not self.final_corrector)
         if last and not correct:  # nothing needs the evaluation at the final point
