@@ -428,7 +428,7 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
         saved = torch.stack(xs)
         saved = torch.where(bcast(good.alive, saved[0])[None], saved, math.nan)
     return _finish(Solution(x=x, t=t_cols[n].clone(), stats=stats, status=status,
-                            ts=problem.save_t, xs=saved, last_x=good.x, last_t=good.t))
+                            ts=problem.save_t, xs=saved, last_x=good.x, last_t=good.t.contiguous()))
 
 
 @dataclass
