@@ -9,7 +9,8 @@ the solve loop itself: per evaluation, wall time minus the cost of calling the f
    ``sdeint(method="euler")``.
 3. Adaptive: difsolve ``DPMSolver(3, corrector=True)`` under a PI controller in log-sigma time
    against torchode's Dopri5 integrating the same probability-flow ODE in the same time variable
-   (log sigma), on an exact Gaussian field: wall time per evaluation.
+   (log sigma), on an exact Gaussian field: time of the whole solve, per step and per evaluation.
+4. A small random diffusers U-Net on a fixed grid: ``ds.sample`` against NFE x one network call.
 
 Run: ``python benchmarks/bench_overhead.py [--quick]`` (about 1 minute; ``--quick`` a few seconds).
 Figures are ratios within one run; absolute microseconds depend on the machine and its load.
@@ -195,6 +196,36 @@ def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple[float, fl
             "torchode Dopri5 PID (log_sigma)": (times["torchode"], t_nfe, t_steps)}
 
 
+def small_unet(steps: int, repeats: int) -> dict[str, float]:
+    """A small random diffusers U-Net (3 x 32 x 32, batch 8) sampled by DPM-Solver++(2M) on a
+    fixed grid: time of ``ds.sample`` against ``NFE x`` the cost of one U-Net call (the
+    issue's GPU criterion, measured here on the CPU, where the U-Net dominates)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    field = ds.from_diffusers(unet, scheduler)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.full((8,), 500.0)
+    result = {}
+
+    def one_call():
+        with torch.no_grad():
+            unet(x, t)
+
+    def ours():
+        result["sol"] = ds.sample(field, x_T=x, solver=ds.DPMSolver(2), steps=steps,
+                                  denoise=False)
+
+    times = race({"call": one_call, "sample": ours}, repeats)
+    nfe = result["sol"].stats.nfe
+    return {"nfe": nfe, "call": times["call"], "sample": times["sample"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
@@ -227,6 +258,12 @@ def main(argv=None) -> int:
     print(f"  difsolve / torchode: whole solve {ours / peer:.2f}, per step "
           f"{(ours / o_steps) / (peer / p_steps):.2f}, per evaluation "
           f"{(ours / o_nfe) / (peer / p_nfe):.2f}")
+    print("== small U-Net (diffusers UNet2DModel, random weights, batch 8 x 3 x 32 x 32), "
+          "DPMSolver(2) fixed grid: time of ds.sample against NFE x one network call")
+    unet = small_unet(10 if args.quick else 20, 2 if args.quick else 5)
+    print(f"  {unet['nfe']} NFE x {unet['call'] * 1e3:.1f} ms = "
+          f"{unet['nfe'] * unet['call'] * 1e3:.1f} ms; ds.sample {unet['sample'] * 1e3:.1f} ms; "
+          f"ratio {unet['sample'] / (unet['nfe'] * unet['call']):.3f}")
     return 0
 
 
