@@ -37,7 +37,7 @@ from ._errors import (
     check_int,
     check_positive,
 )
-from ._tensor import bcast, rms
+from ._tensor import bcast, host_reads_free, rms
 from .processes import VP
 from .solution import Status
 
@@ -258,9 +258,13 @@ class PIController:
         too_small = (h_abs < floor) & (h_abs < p.left)
         if unresolvable is not False:
             too_small = too_small | (unresolvable & ~accept)
-        fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
-                                                   Status.DT_UNDERFLOW.value), _NO_FAULT)
-        fault = torch.where(streak >= NONFINITE_RETRIES, Status.NONFINITE.value, fault)
+        retries_out = streak >= NONFINITE_RETRIES
+        if host_reads_free(too_small) and not bool((too_small | retries_out).any()):
+            fault = torch.full_like(streak, _NO_FAULT)  # (on the CPU, the common case at once)
+        else:
+            fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
+                                                       Status.DT_UNDERFLOW.value), _NO_FAULT)
+            fault = torch.where(retries_out, Status.NONFINITE.value, fault)
         return Decision(accept=accept, h=h_next, state=(torch.where(accept, ratio, prev_ratio),
                                                          streak, last_bad), fault=fault)
 

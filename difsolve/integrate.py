@@ -636,9 +636,8 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     ctx.rows = s.rows
     step = solver.step(dynamics, s.x, s.t, h_try, s.solver, dw, ctx)
     x_new = step.x if step.x.dtype == s.x.dtype else step.x.to(s.x.dtype)
-    finite = all_finite(x_new)
-    if step.error is not None:  # a NaN error estimate is a fault, not a reason to shrink h
-        finite = finite & all_finite(step.error)
+    # (a NaN error estimate is a fault, not a reason to shrink h)
+    finite = all_finite(x_new) if step.error is None else all_finite(x_new, step.error)
     t_new = torch.where(landing, target, s.t + h_try)
     decision = controller.adapt(s.controller, Proposal(
         x=s.x, x_new=x_new, error=step.error, h_proposed=s.h, h_tried=h_try, t_new=t_new,

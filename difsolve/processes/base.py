@@ -139,13 +139,13 @@ class SigmaTime(Process):
 
     def marginal(self, t):
         t = _t(t)
-        return torch.ones_like(t), t.clone()
+        return torch.ones_like(t), t  # (b is t itself: no copy)
 
     def sigma(self, t):
-        return _t(t).clone()
+        return _t(t)
 
     def t_of_sigma(self, sigma):
-        return _t(sigma).clone()
+        return _t(sigma)
 
     def dsigma_dt(self, t):
         return torch.ones_like(_t(t))
