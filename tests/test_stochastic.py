@@ -457,3 +457,27 @@ def test_shared_grid_plan_matches_the_per_row_path(proc_name, time_variable, mak
                             generator=torch.Generator().manual_seed(4)).x)
     assert torch.isfinite(out[0]).all()
     torch.testing.assert_close(out[0], out[1], rtol=1e-11, atol=1e-11)
+
+
+def test_benchmark_field_is_the_exact_mixture_and_the_verdicts_follow_the_floor():
+    """bench_stochastic's fast diagonal-mixture field equals difsolve's GaussianMixture score, on
+    EDM and on VP (through ``y = x/a``); its verdicts count only comparisons resolved above the
+    Monte-Carlo floor."""
+    import bench_stochastic as bench
+
+    field = bench.mixture_field(dim=3, modes=4)
+    assert bench.check_field(field) < 1e-9
+    field.process = ds.VP()
+    ref = field.mixture.score_field(field.process)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in (0.01, 0.3, 1.0):
+        tt = torch.full((50,), t, dtype=torch.float64)
+        torch.testing.assert_close(field(x, tt), ref(x, tt), rtol=1e-9, atol=1e-9)
+    budgets = range(len(bench.BUDGETS))
+    results = {("difsolve", "a"): [(b, 0.011, 0.10) for b in bench.BUDGETS],
+               ("k-diffusion", "b"): [(b, 0.0115, 0.30) for b in bench.BUDGETS]}
+    verdicts = bench.compare(results, (0.010, 0.05), (0.001, 0.01))
+    assert len(verdicts) == 2 * len(budgets)
+    weight, width = verdicts[0], verdicts[1]
+    assert not weight["resolved"] and not weight["met"]  # peer 1.5 sd above: unresolved
+    assert width["resolved"] and width["met"] and width["ratio"] == pytest.approx(0.2)
