@@ -48,7 +48,7 @@ import difsolve as ds
 from difsolve.demo import distribution_errors
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-BUDGETS = (10, 20, 50)
+BUDGETS = (10, 20, 50)  # --budgets replaces it
 PEERS = ("k-diffusion", "diffusers")
 REFERENCE = "k-diff eta<1"  # rows shown for reference, not counted as peers
 F64 = torch.float64
@@ -241,8 +241,9 @@ def _geometric_betas(n: int = 1000) -> list[float]:
 
 
 def df_scheduler(cls_name: str, vp_space: bool, per_step: int = 1, eta: float | None = None,
-                 **config):
-    """A discrete-time diffusers scheduler fed the exact epsilon at its own noise level."""
+                 own_noise: bool = False, **config):
+    """A discrete-time diffusers scheduler fed the exact epsilon at its own noise level
+    (``own_noise``: the scheduler draws its noise itself, e.g. a seeded Brownian tree)."""
 
     def run(p: Problem, budget: int):
         import diffusers
@@ -266,7 +267,7 @@ def df_scheduler(cls_name: str, vp_space: bool, per_step: int = 1, eta: float | 
             y = inp.to(F64) * math.sqrt(1 + sigma**2)
             eps = (y - p.denoise(y, sigma)) / sigma
             calls += 1
-            kw = {"generator": gen}
+            kw = {} if own_noise else {"generator": gen}  # own_noise: the scheduler's seeded tree
             if eta is not None:
                 kw["eta"] = eta
             x = sched.step(eps, t, x, **kw).prev_sample.to(F64)
@@ -413,7 +414,14 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1,
                         help="prior and noise seed (the difsolve rows were chosen on seed 0)")
+    parser.add_argument("--budgets", default=None, help="comma-separated NFE budgets")
+    parser.add_argument("--only", default=None,
+                        help="run only the rows whose name contains one of these "
+                             "';'-separated strings (a partial comparison)")
     args = parser.parse_args(argv)
+    global BUDGETS
+    if args.budgets:
+        BUDGETS = tuple(int(b) for b in args.budgets.split(","))
     torch.set_num_threads(1)
     started = time.perf_counter()
     n = args.samples or (20_000 if args.quick else 200_000)
@@ -431,7 +439,11 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     results = {}
-    for lib, name, run in samplers(args.quick):
+    rows = samplers(args.quick)
+    if args.only:
+        rows = [r for r in rows if any(part in r[1] for part in args.only.split(";"))]
+        print(f"PARTIAL comparison: only the {len(rows)} rows matching {args.only!r}")
+    for lib, name, run in rows:
         t0 = time.perf_counter()
         row = []
         for b in BUDGETS:
