@@ -304,7 +304,7 @@ def df_edm(order: int):
 # ----- the rows ---------------------------------------------------------------------------------
 
 
-def samplers(quick: bool):
+def samplers(quick: bool, slow_peers: bool = False):
     p13 = GRIDS["polyexp 1.3"]
     rows = [
         ("difsolve", "SASolver(3, 3, tau=0.3), polyexp 1.3", ds_sde(ds.SASolver(3, 3, 0.3), p13)),
@@ -357,6 +357,10 @@ def samplers(quick: bool):
         ("diffusers", "SASolver karras", df_scheduler("SASolverScheduler", True,
                                                       use_karras_sigmas=True)),
     ]
+    if slow_peers:  # its torchsde Brownian tree costs ~5 s per 1000 steps x 20000 samples
+        rows += [("diffusers", f"DPMSolverSDE{label} (2 NFE/step)", df_scheduler(
+            "DPMSolverSDEScheduler", False, per_step=2, own_noise=True, noise_sampler_seed=1,
+            use_karras_sigmas=k)) for label, k in (("", False), (" karras", True))]
     # not peers' defaults: k-diffusion's dpmpp_2m_sde with the eta of difsolve's DPMSolverSDE rows
     # (the same algorithm), shown for reference and left out of the best-peer comparison
     rows += [
@@ -414,6 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1,
                         help="prior and noise seed (the difsolve rows were chosen on seed 0)")
+    parser.add_argument("--slow-peers", action="store_true",
+                        help="also diffusers' DPMSolverSDEScheduler (slow: a torchsde tree)")
     parser.add_argument("--budgets", default=None, help="comma-separated NFE budgets")
     parser.add_argument("--only", default=None,
                         help="run only the rows whose name contains one of these "
@@ -439,7 +445,7 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     results = {}
-    rows = samplers(args.quick)
+    rows = samplers(args.quick, args.slow_peers)
     if args.only:
         rows = [r for r in rows if any(part in r[1] for part in args.only.split(";"))]
         print(f"PARTIAL comparison: only the {len(rows)} rows matching {args.only!r}")
