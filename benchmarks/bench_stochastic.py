@@ -26,7 +26,7 @@ the report uses seed 1.
 Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 ``difsolve bench stochastic``).
 
-Expected time: full about 10 min (200000 samples, 37 samplers), --quick about 20 s (one CPU core).
+Expected time: full about 10 min (200000 samples, 36 samplers), --quick about 20 s (one CPU core).
 """
 
 from __future__ import annotations
