@@ -1,25 +1,32 @@
 """Stochastic samplers at 10, 20 and 50 evaluations against k-diffusion and diffusers (issue 18).
 
-Problem: the exact score of difsolve's demo ring (8 anisotropic Gaussian modes on a circle of
-radius 2, weights ``1..8 / 36``, mode standard deviations 0.1-0.2) under EDM, sigma 80 -> 0.002,
-float64. Every sampler starts from the same prior draws ``y_T = 80 z`` and returns a sample of
-the data (``sigma = 0``: a final denoising step or a last step to sigma 0). Distribution error
-against the exact mixture (:func:`difsolve.demo.distribution_errors`): the mode-weight error
-``max_k |f_k - w_k|`` and the width error (RMS over modes of the relative error of the mode's
-standard deviation). The Monte-Carlo floor is the mean error of exact draws of the same size.
+Problem: the exact field of an 8-dimensional mixture of 16 narrow Gaussian modes with unequal
+weights (``8^(-i/15)``, largest / smallest = 8), means ``2 u_i`` (random unit vectors, seed 5),
+diagonal covariances with standard deviations log-uniform in ``[0.02, 0.08]`` per axis, under
+EDM (sigma 80 -> 0.002), float64. Every sampler starts from the same prior draws ``y_T = 80 z``
+and returns a sample of the data (``sigma = 0``: a final denoising step or a last step to sigma 0).
+Distribution error against the exact mixture (:func:`difsolve.demo.distribution_errors`): the
+mode-weight error ``max_k |f_k - w_k|`` (nearest mode mean) and the width error (RMS over modes
+of ``sqrt(tr Cov_k^sample / tr Cov_k) - 1``). The Monte-Carlo floor is the mean (and standard
+deviation) of the errors of exact draws of the same size, computed the same way.
 
-Peers, in the same run and on the same Karras sigmas where they take sigmas: k-diffusion
-``sample_euler_ancestral``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, ``sample_dpmpp_sde``
-(2 evaluations per step); diffusers ``EulerAncestralDiscreteScheduler``, ``DDIMScheduler``
-(eta = 1), ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++``, orders 2 and 3, Karras sigmas)
-and ``SASolverScheduler`` (its defaults, and tau = 1 everywhere), on a 1000-step discrete schedule
-whose noise levels are exactly ``0.002 .. 80`` geometric (``trained_betas``), fed the exact
-epsilon at the scheduler's own noise level.
+Evaluations are counted as batched calls of the field, final denoising included, the same way
+for every library. Peers, in the same run: k-diffusion ``sample_euler_ancestral``,
+``sample_dpmpp_2m_sde`` (midpoint and heun), ``sample_dpmpp_3m_sde``, ``sample_dpmpp_sde``
+(2 evaluations per step) at their default ``eta = 1``, each on Karras (rho 7), exponential and
+polyexponential (rho 1.3, the grid family of difsolve's best rows) sigmas; diffusers
+``EulerAncestralDiscreteScheduler``, ``DDIMScheduler`` (eta 1), ``DDPMScheduler``,
+``DPMSolverMultistepScheduler`` (``sde-dpmsolver++`` 2 and 3, default and Karras sigmas),
+``SASolverScheduler`` (default and Karras sigmas), ``KDPM2AncestralDiscreteScheduler`` (Karras)
+on a 1000-step discrete schedule whose noise levels are exactly 0.002 .. 80 geometric, and
+``EDMDPMSolverMultistepScheduler`` (``sde-dpmsolver++`` 2 and 3, continuous EDM sigmas), each fed
+the exact prediction at the scheduler's own noise level. The difsolve rows were chosen on seed 0;
+the report uses seed 1.
 
 Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 ``difsolve bench stochastic``).
 
-Expected time: full about 9 min (40000 samples, 27 samplers), --quick about 20 s (one CPU core).
+Expected time: full about 10 min (200000 samples, 36 samplers), --quick about 20 s (one CPU core).
 """
 
 from __future__ import annotations
@@ -35,103 +42,185 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _peers import CountingDenoiser, load_k_diffusion_sampling
+from _peers import load_k_diffusion_sampling
 
 import difsolve as ds
-from difsolve.demo import distribution_errors, ring_mixture
+from difsolve.demo import distribution_errors
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-BUDGETS = (10, 20, 50)
+BUDGETS = (10, 20, 50)  # --budgets replaces it
+PEERS = ("k-diffusion", "diffusers")
+REFERENCE = "k-diff eta<1"  # rows shown for reference, not counted as peers
+F64 = torch.float64
+
+
+# ----- the problem: an exact mixture field, evaluated fast -----------------------------------------
+
+
+class DiagonalMixtureField:
+    """The exact EDM score of a Gaussian mixture with diagonal covariances, for large batches.
+
+    ``D(y, sigma) = y - sigma^2 sum_k gamma_k (y - mu_k) / (v_k + sigma^2)`` with responsibilities
+    ``gamma = softmax(log w_k - |y - mu_k|^2_{(v_k + sigma^2)^-1} / 2 - log det / 2)``; the
+    quadratic form is expanded into two matrix products (float64), so an evaluation costs about
+    as much as a small dense layer. Checked against :class:`difsolve.GaussianMixture` at start.
+    """
+
+    exact_score = True
+
+    def __init__(self, weights, means, variances, process):
+        self.weights, self.means, self.vars = weights, means, variances
+        self.mixture = ds.GaussianMixture(weights, means, variances)
+        self.process = process
+        self.calls = 0
+
+    def denoise(self, y: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=y.dtype).reshape(-1).expand(y.shape[0])
+        if not bool((sigma == sigma[0]).all()):
+            out = torch.empty_like(y)
+            for s in torch.unique(sigma):
+                rows = sigma == s
+                out[rows] = self.denoise(y[rows], s.reshape(1))
+            return out
+        s2 = float(sigma[0]) ** 2
+        var = self.vars + s2
+        inv = 1.0 / var
+        mat = torch.cat([-0.5 * inv, self.means * inv], 1).T
+        const = self.weights.log() - 0.5 * (self.means.square() * inv + var.log()).sum(1)
+        gamma = torch.softmax(torch.addmm(const, torch.cat([y.square(), y], 1), mat), 1)
+        return y - s2 * (y * (gamma @ inv) - gamma @ (self.means * inv))
+
+    def __call__(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1).expand(x.shape[0])
+        a, b = self.process.marginal(t)
+        sigma = b / a
+        y = x / a[:, None]
+        return (self.denoise(y, sigma) - y) / (a * sigma.square())[:, None]
+
+
+def mixture_field(seed: int = 5, dim: int = 8, modes: int = 16) -> DiagonalMixtureField:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(modes, dim, generator=g, dtype=F64)
+    means = 2.0 * means / means.norm(dim=1, keepdim=True)
+    w = 8.0 ** (-torch.arange(modes, dtype=F64) / (modes - 1))
+    std = torch.exp(math.log(0.02) + math.log(4.0) * torch.rand(modes, dim, generator=g,
+                                                                  dtype=F64))
+    return DiagonalMixtureField(w / w.sum(), means, std.square(), ds.EDM(SIGMA_MIN, SIGMA_MAX))
+
+
+def check_field(field: DiagonalMixtureField) -> float:
+    """Largest relative difference to difsolve's GaussianMixture score (should be ~1e-10)."""
+    ref = field.mixture.score_field(field.process)
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for s in (0.002, 0.03, 0.5, 5.0, 80.0):
+        x = field.mixture.sample(500, g, dtype=F64) + s * torch.randn(500, field.mixture.dim,
+                                                                      generator=g, dtype=F64)
+        t = torch.full((500,), s, dtype=F64)
+        a, b = field(x, t), ref(x, t)
+        worst = max(worst, float(((a - b).abs() / (b.abs() + 1.0 / s)).max()))
+    return worst
 
 
 class Problem:
     def __init__(self, n: int, seed: int):
-        self.mixture = ring_mixture()
-        self.process = ds.EDM(SIGMA_MIN, SIGMA_MAX)
-        self.field = self.mixture.score_field(self.process)
+        self.field = mixture_field()
+        self.mixture = self.field.mixture
+        self.dim = self.mixture.dim
         self.n, self.seed = n, seed
-        self.y_T = SIGMA_MAX * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed),
-                                           dtype=torch.float64)
+        self.y_T = SIGMA_MAX * torch.randn(n, self.dim, generator=torch.Generator().manual_seed(
+            seed), dtype=F64)
 
-    def gen(self, k: int = 1) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed + 1000 * k)
+    def gen(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + 1000)
 
     def denoise(self, y, sigma):
-        return ds.ProbabilityFlowODE(self.field).denoise(y, sigma)
+        return self.field.denoise(y, sigma)
 
     def errors(self, x):
         return distribution_errors(x, self.mixture)
 
 
-def logsnr(n: int) -> torch.Tensor:
-    """``n`` noise levels from 80 to 0.002, uniform in log sigma."""
-    return torch.exp(torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), n,
-                                    dtype=torch.float64))
+# ----- noise-level grids (n levels from 80 to 0.002) ------------------------------------------------
 
 
 def karras(n: int) -> torch.Tensor:
-    """``n`` Karras noise levels from 80 to 0.002 (rho = 7), as k-diffusion builds them."""
+    """Karras et al. (rho = 7), as k-diffusion's ``get_sigmas_karras``."""
     r = 1 / 7
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, n, dtype=F64)
     return (SIGMA_MAX**r + ramp * (SIGMA_MIN**r - SIGMA_MAX**r)) ** 7
 
 
-# ----- difsolve ----------------------------------------------------------------------------------
+def poly(rho: float):
+    """``log sigma`` a power ``rho`` of the ramp, as k-diffusion's ``get_sigmas_polyexponential``
+    (rho = 1: uniform in log sigma, k-diffusion's ``get_sigmas_exponential``)."""
+
+    def levels(n: int) -> torch.Tensor:
+        ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
+        return torch.exp(ramp * (math.log(SIGMA_MAX) - math.log(SIGMA_MIN)) + math.log(SIGMA_MIN))
+
+    levels.__name__ = "exponential" if rho == 1 else f"polyexponential(rho={rho})"
+    return levels
 
 
-def ds_sde(solver, levels=karras):
-    """An SDE solver through ``ds.solve`` on the reverse SDE: ``n - 1`` steps on the ``n`` noise
-    levels of ``levels`` (Karras by default) + the final denoise = n NFE."""
+exponential = poly(1.0)
+GRIDS = {"karras": karras, "exponential": exponential, "polyexp 1.3": poly(1.3)}
+
+
+# ----- difsolve -------------------------------------------------------------------------------------
+
+
+def ds_sde(solver, levels):
+    """An SDE solver on the reverse SDE: ``n - 1`` steps on the ``n`` levels (1 NFE each, none
+    at the last point) + the final denoise = ``n`` NFE."""
 
     def run(p: Problem, budget: int):
-        grid = levels(budget)
         sol = ds.solve(ds.ReverseSDE(p.field), p.y_T.clone(), SIGMA_MAX, SIGMA_MIN,
-                       solver=solver, steps=grid, generator=p.gen())
+                       solver=solver, steps=levels(budget), generator=p.gen())
         return p.denoise(sol.x, sol.t), sol.stats.nfe + 1
 
     return run
 
 
-def ds_churn(churn: float):
-    def run(p: Problem, budget: int):
-        n = (budget + 1) // 2  # Heun steps, the last one (to sigma = 0) an Euler step
-        grid = torch.cat([karras(n), torch.zeros(1, dtype=torch.float64)])
-        sol = ds.solve(ds.ProbabilityFlowODE(p.field), p.y_T.clone(), SIGMA_MAX, 0.0,
-                       solver=ds.EDMStochasticHeun(churn=churn), steps=grid, generator=p.gen())
-        return sol.x, sol.stats.nfe
-
-    return run
-
-
-def ds_restart(solver_fn, lo: float, hi: float, levels: str = "logsnr", steps: int = 3):
-    """Restart with a multistep ODE solver inside (a segment of ``s`` steps costs ``s`` NFE):
-    ``K = max(1, round(budget / 10))`` restarts of ``steps`` backward steps on ``[lo, hi]``, the
-    rest of the budget (less 1 for the final denoise) on the main pass."""
+def ds_restart(solver_fn, lo: float, hi: float, repeats: int, steps: int,
+               schedule: str = "logsnr"):
+    """Restart with a multistep ODE solver (a segment of ``s`` steps costs ``s`` NFE):
+    ``repeats`` restarts of ``steps`` steps on ``[lo, hi]``, the rest of the budget (less 1 for
+    the final denoise) on the main pass."""
 
     def run(p: Problem, budget: int):
-        repeats = max(1, round(budget / 10))
         main = budget - 1 - steps * repeats
-        sol = ds.restart_sample(p.field, (p.n, 2), solver=solver_fn(), steps=main,
-                                schedule=levels, restarts=(ds.Restart(lo, hi, repeats, steps),),
+        sol = ds.restart_sample(p.field, (p.n, p.dim), solver=solver_fn(), steps=main,
+                                schedule=schedule,
+                                restarts=(ds.Restart(lo, hi, repeats, steps),),
                                 generator=p.gen(), x_T=p.y_T.clone())
         return sol.x, sol.stats.nfe
 
     return run
 
 
-# ----- k-diffusion --------------------------------------------------------------------------------
+# ----- k-diffusion ------------------------------------------------------------------------------------
 
 
-def kd_sampler(name: str, per_step: int = 1, levels=karras, **kw):
+class _Denoiser:
+    def __init__(self, p: Problem):
+        self.p, self.calls = p, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.p.denoise(x, sigma)
+
+
+def kd_sampler(name: str, levels, per_step: int = 1, **kw):
     def run(p: Problem, budget: int):
         kd = load_k_diffusion_sampling()
         n = budget if per_step == 1 else (budget + 1) // 2  # dpmpp_sde: 2 per step, 1 at the end
-        sigmas = torch.cat([levels(n), torch.zeros(1, dtype=torch.float64)])
-        model = CountingDenoiser(p.field)
-        gen = p.gen()
+        sigmas = torch.cat([levels(n), torch.zeros(1, dtype=F64)])
+        model, gen = _Denoiser(p), p.gen()
 
         def noise(sigma, sigma_next):
-            return torch.randn(p.y_T.shape, generator=gen, dtype=torch.float64)
+            return torch.randn(p.y_T.shape, generator=gen, dtype=F64)
 
         x = getattr(kd, name)(model, p.y_T.clone(), sigmas, disable=True, noise_sampler=noise,
                               **kw)
@@ -140,7 +229,7 @@ def kd_sampler(name: str, per_step: int = 1, levels=karras, **kw):
     return run
 
 
-# ----- diffusers ------------------------------------------------------------------------------------
+# ----- diffusers --------------------------------------------------------------------------------
 
 
 def _geometric_betas(n: int = 1000) -> list[float]:
@@ -151,93 +240,175 @@ def _geometric_betas(n: int = 1000) -> list[float]:
     return (1.0 - acp / prev).tolist()
 
 
-def df_scheduler(cls_name: str, vp_space: bool, eta: float | None = None, **config):
+def df_scheduler(cls_name: str, vp_space: bool, per_step: int = 1, eta: float | None = None,
+                 own_noise: bool = False, **config):
+    """A discrete-time diffusers scheduler fed the exact epsilon at its own noise level
+    (``own_noise``: the scheduler draws its noise itself, e.g. a seeded Brownian tree)."""
+
     def run(p: Problem, budget: int):
         import diffusers
 
-        cls = getattr(diffusers, cls_name)
-        sched = cls(num_train_timesteps=1000, trained_betas=_geometric_betas(),
-                    prediction_type="epsilon", **config)
-        sched.set_timesteps(budget)
+        sched = getattr(diffusers, cls_name)(num_train_timesteps=1000,
+                                             trained_betas=_geometric_betas(),
+                                             prediction_type="epsilon", **config)
+        sched.set_timesteps(budget if per_step == 1 else (budget + 1) // 2)
         acp = sched.alphas_cumprod.double().numpy()
         log_sig = 0.5 * np.log((1 - acp) / acp)
         gen = p.gen()
         x = p.y_T.clone()
         if vp_space:
             x = x / math.sqrt(1 + SIGMA_MAX**2)
+        else:
+            x = x * float(sched.init_noise_sigma) / SIGMA_MAX
         calls = 0
         for t in sched.timesteps:
             sigma = float(np.exp(np.interp(float(t), np.arange(1000), log_sig)))
-            inp = sched.scale_model_input(x, t) if not vp_space else x
-            y = inp * math.sqrt(1 + sigma**2)
-            s = torch.full((p.n,), sigma, dtype=torch.float64)
-            eps = (y - p.denoise(y, s)) / sigma
+            inp = x if vp_space else sched.scale_model_input(x, t)
+            y = inp.to(F64) * math.sqrt(1 + sigma**2)
+            eps = (y - p.denoise(y, sigma)) / sigma
             calls += 1
-            kw = {"generator": gen}
+            kw = {} if own_noise else {"generator": gen}  # own_noise: the scheduler's seeded tree
             if eta is not None:
                 kw["eta"] = eta
-            x = sched.step(eps, t, x, **kw).prev_sample.to(torch.float64)
+            x = sched.step(eps, t, x, **kw).prev_sample.to(F64)
         return x, calls
 
     return run
 
 
-def samplers(quick: bool):
+def df_edm(order: int):
+    """diffusers ``EDMDPMSolverMultistepScheduler`` (sde-dpmsolver++, continuous EDM sigmas,
+    last step to sigma 0), fed the exact denoiser through its output preconditioning."""
+
+    def run(p: Problem, budget: int):
+        import diffusers
+
+        sched = diffusers.EDMDPMSolverMultistepScheduler(
+            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, algorithm_type="sde-dpmsolver++",
+            solver_order=order, final_sigmas_type="zero")
+        sched.set_timesteps(budget)
+        gen, x, calls = p.gen(), p.y_T.clone(), 0
+        for t in sched.timesteps:
+            sched.scale_model_input(x, t)  # sets the step index
+            sigma = sched.sigmas[sched.step_index].to(F64)
+            skip = sched.precondition_outputs(x, torch.zeros_like(x), sigma)
+            out = sched.precondition_outputs(torch.zeros_like(x), torch.ones_like(x), sigma)
+            model_output = (p.denoise(x, float(sigma)) - skip) / out
+            calls += 1
+            x = sched.step(model_output, t, x, generator=gen).prev_sample.to(F64)
+        return x, calls
+
+    return run
+
+
+# ----- the rows ---------------------------------------------------------------------------------
+
+
+def samplers(quick: bool, slow_peers: bool = False):
+    p13 = GRIDS["polyexp 1.3"]
     rows = [
-        ("difsolve", "DDIM(eta=1) = EulerAncestral", ds_sde(ds.DDIM(1.0))),
-        ("difsolve", "DPMSolverSDE(2) reference", ds_sde(ds.DPMSolverSDE(2))),
-        ("difsolve", "DPMSolverSDE(2) exact", ds_sde(ds.DPMSolverSDE(2, variant="exact"))),
-        ("difsolve", "DPMSolverSDE(3) reference", ds_sde(ds.DPMSolverSDE(3))),
-        ("difsolve", "DPMSolverSDE(3) exact", ds_sde(ds.DPMSolverSDE(3, variant="exact"))),
-        ("difsolve", "DPMSolverSDE(2, eta=0.5) reference",
-         ds_sde(ds.DPMSolverSDE(2, eta=0.5))),
-        ("difsolve", "SASolver(3, 3, tau=1)", ds_sde(ds.SASolver(3, 3))),
-        ("difsolve", "SASolver(2, 2, tau=1)", ds_sde(ds.SASolver(2, 2))),
-        ("difsolve", "EDMStochasticHeun(churn=10)", ds_churn(10.0)),
-        ("difsolve", "DPMSolverSDE(1)", ds_sde(ds.DPMSolverSDE(1))),
-        ("difsolve", "DPMSolverSDE(3) reference, logsnr", ds_sde(ds.DPMSolverSDE(3), logsnr)),
-        ("difsolve", "SASolver(3, 3, tau=0.3), logsnr", ds_sde(ds.SASolver(3, 3, 0.3), logsnr)),
-        ("difsolve", "SASolver(2, 2, tau=0.5), logsnr", ds_sde(ds.SASolver(2, 2, 0.5), logsnr)),
-        ("difsolve", "Restart(DPMSolver(2), [0.05, 0.5]), logsnr",
-         ds_restart(lambda: ds.DPMSolver(2), 0.05, 0.5)),
-        ("difsolve", "Restart(DPMSolver(3), [0.05, 0.5]), logsnr",
-         ds_restart(lambda: ds.DPMSolver(3), 0.05, 0.5)),
-        ("difsolve", "Restart(DPMSolver(2), [0.05, 0.5]), karras",
-         ds_restart(lambda: ds.DPMSolver(2), 0.05, 0.5, "karras")),
-        ("k-diffusion", "euler_ancestral", kd_sampler("sample_euler_ancestral")),
-        ("k-diffusion", "dpmpp_2m_sde", kd_sampler("sample_dpmpp_2m_sde")),
-        ("k-diffusion", "dpmpp_3m_sde", kd_sampler("sample_dpmpp_3m_sde")),
-        ("k-diffusion", "dpmpp_sde (2 NFE/step)", kd_sampler("sample_dpmpp_sde", per_step=2)),
-        ("k-diffusion", "dpmpp_2m_sde, logsnr", kd_sampler("sample_dpmpp_2m_sde", levels=logsnr)),
-        ("k-diffusion", "dpmpp_3m_sde, logsnr", kd_sampler("sample_dpmpp_3m_sde", levels=logsnr)),
+        ("difsolve", "SASolver(3, 3, tau=0.3), polyexp 1.3", ds_sde(ds.SASolver(3, 3, 0.3), p13)),
+        ("difsolve", "SASolver(2, 2, tau=0.5), polyexp 1.3", ds_sde(ds.SASolver(2, 2, 0.5), p13)),
+        ("difsolve", "SASolver(3, 3, tau=0.5, tau_range=(0.1, 80)), exponential",
+         ds_sde(ds.SASolver(3, 3, 0.5, tau_range=(0.1, 80.0)), exponential)),
+        ("difsolve", "DPMSolverSDE(2, eta=0.5), polyexp 1.3",
+         ds_sde(ds.DPMSolverSDE(2, eta=0.5), p13)),
+        ("difsolve", "DPMSolverSDE(2, eta=0.5), polyexp 1.6",
+         ds_sde(ds.DPMSolverSDE(2, eta=0.5), poly(1.6))),
+        ("difsolve", "DPMSolverSDE(2, eta=0.3), exponential",
+         ds_sde(ds.DPMSolverSDE(2, eta=0.3), exponential)),
+        ("difsolve", "Restart(DPMSolver(2), [0.1, 1], 1 x 5), logsnr",
+         ds_restart(lambda: ds.DPMSolver(2), 0.1, 1.0, 1, 5)),
+    ]
+    for grid, levels in GRIDS.items():
+        rows += [
+            ("k-diffusion", f"euler_ancestral, {grid}", kd_sampler("sample_euler_ancestral",
+                                                                   levels)),
+            ("k-diffusion", f"dpmpp_2m_sde, {grid}", kd_sampler("sample_dpmpp_2m_sde", levels)),
+            ("k-diffusion", f"dpmpp_2m_sde heun, {grid}", kd_sampler(
+                "sample_dpmpp_2m_sde", levels, solver_type="heun")),
+            ("k-diffusion", f"dpmpp_3m_sde, {grid}", kd_sampler("sample_dpmpp_3m_sde", levels)),
+            ("k-diffusion", f"dpmpp_sde (2 NFE/step), {grid}", kd_sampler(
+                "sample_dpmpp_sde", levels, per_step=2)),
+        ]
+    rows += [
         ("diffusers", "EulerAncestralDiscrete", df_scheduler("EulerAncestralDiscreteScheduler",
                                                              False)),
         ("diffusers", "DDIM eta=1 (trailing)", df_scheduler(
             "DDIMScheduler", True, eta=1.0, timestep_spacing="trailing", set_alpha_to_one=True,
             clip_sample=False)),
-        ("diffusers", "DPMSolverMultistep sde-dpmsolver++ 2 karras", df_scheduler(
-            "DPMSolverMultistepScheduler", True, algorithm_type="sde-dpmsolver++",
-            solver_order=2, use_karras_sigmas=True)),
-        ("diffusers", "DPMSolverMultistep sde-dpmsolver++ 3 karras", df_scheduler(
-            "DPMSolverMultistepScheduler", True, algorithm_type="sde-dpmsolver++",
-            solver_order=3, use_karras_sigmas=True)),
-        ("diffusers", "SASolver defaults karras", df_scheduler(
-            "SASolverScheduler", True, use_karras_sigmas=True)),
-        ("diffusers", "SASolver tau=1 karras", df_scheduler(
-            "SASolverScheduler", True, use_karras_sigmas=True, tau_func=lambda t: 1.0)),
+        ("diffusers", "DDPM (trailing)", df_scheduler(
+            "DDPMScheduler", True, timestep_spacing="trailing", clip_sample=False)),
+        ("diffusers", "KDPM2AncestralDiscrete karras (2 NFE/step)", df_scheduler(
+            "KDPM2AncestralDiscreteScheduler", False, per_step=2, use_karras_sigmas=True)),
+    ]
+    for order in (2, 3):
+        for karras_sigmas in (False, True):
+            label = ", karras" if karras_sigmas else ""
+            rows.append(("diffusers", f"DPMSolverMultistep sde-dpmsolver++ {order}{label}",
+                         df_scheduler("DPMSolverMultistepScheduler", True,
+                                      algorithm_type="sde-dpmsolver++", solver_order=order,
+                                      use_karras_sigmas=karras_sigmas)))
+    # EDMDPMSolverMultistepScheduler has no third-order sde-dpmsolver++ update (diffusers 0.42.1
+    # raises UnboundLocalError in multistep_dpm_solver_third_order_update): order 2 only
+    rows.append(("diffusers", "EDMDPMSolverMultistep sde-dpmsolver++ 2", df_edm(2)))
+    rows += [
+        ("diffusers", "SASolver defaults", df_scheduler("SASolverScheduler", True)),
+        ("diffusers", "SASolver karras", df_scheduler("SASolverScheduler", True,
+                                                      use_karras_sigmas=True)),
+    ]
+    if slow_peers:  # its torchsde Brownian tree costs ~5 s per 1000 steps x 20000 samples
+        rows += [("diffusers", f"DPMSolverSDE{label} (2 NFE/step)", df_scheduler(
+            "DPMSolverSDEScheduler", False, per_step=2, own_noise=True, noise_sampler_seed=1,
+            use_karras_sigmas=k)) for label, k in (("", False), (" karras", True))]
+    # not peers' defaults: k-diffusion's dpmpp_2m_sde with the eta of difsolve's DPMSolverSDE rows
+    # (the same algorithm), shown for reference and left out of the best-peer comparison
+    rows += [
+        (REFERENCE, "dpmpp_2m_sde eta=0.5, polyexp 1.3", kd_sampler(
+            "sample_dpmpp_2m_sde", p13, eta=0.5)),
+        (REFERENCE, "dpmpp_2m_sde eta=0.5, polyexp 1.6", kd_sampler(
+            "sample_dpmpp_2m_sde", poly(1.6), eta=0.5)),
+        (REFERENCE, "dpmpp_2m_sde eta=0.3, exponential", kd_sampler(
+            "sample_dpmpp_2m_sde", exponential, eta=0.3)),
     ]
     if quick:
-        keep = {"DPMSolverSDE(2) reference", "Restart(DPMSolver(2), [0.05, 0.5]), logsnr",
-                "dpmpp_2m_sde", "euler_ancestral", "DPMSolverMultistep sde-dpmsolver++ 2 karras"}
+        keep = {"SASolver(2, 2, tau=0.5), polyexp 1.3", "DPMSolverSDE(2, eta=0.5), polyexp 1.3",
+                "dpmpp_2m_sde, exponential", "dpmpp_3m_sde, exponential",
+                "dpmpp_2m_sde, polyexp 1.3", "euler_ancestral, karras",
+                "EDMDPMSolverMultistep sde-dpmsolver++ 2"}
         rows = [r for r in rows if r[1] in keep]
     return rows
 
 
 def floor(p: Problem, repeats: int):
     """Mean and standard deviation of the errors of exact draws of the same size."""
-    errs = np.array([p.errors(p.mixture.sample(p.n, torch.Generator().manual_seed(10_000 + r)))
+    errs = np.array([p.errors(p.mixture.sample(p.n, torch.Generator().manual_seed(10_000 + r),
+                                               dtype=F64))
                      for r in range(repeats)])
-    return tuple(errs.mean(0)), tuple(errs.std(0, ddof=1))
+    return errs.mean(0), errs.std(0, ddof=1)
+
+
+def compare(results, floors, spreads, peers=PEERS):
+    """Per budget and metric: the best difsolve and the best peer row (libraries ``peers``)
+    above the floor, their ratio, and whether the comparison is resolved (the best peer more than
+    2 sd above it)."""
+    out = []
+    for k, b in enumerate(BUDGETS):
+        for m, label in enumerate(("weight", "width")):
+            fl, sd = floors[m], spreads[m]
+            best = {}
+            for side in ("difsolve", "peer"):
+                libs = ("difsolve",) if side == "difsolve" else peers
+                best[side] = min((row[k][m + 1], name) for (lib, name), row in results.items()
+                                 if lib in libs)
+            (dv, dn), (pv, pn) = best["difsolve"], best["peer"]
+            d_above, p_above = max(dv - fl, 0.0), max(pv - fl, 0.0)
+            resolved = p_above > 2 * sd
+            ratio = d_above / p_above if p_above > 0 else math.inf
+            out.append(dict(nfe=b, metric=label, ds=dv, ds_name=dn, peer=pv, peer_name=pn,
+                            ds_above=d_above, peer_above=p_above, ratio=ratio,
+                            resolved=resolved, met=resolved and ratio <= 0.5))
+    return out
 
 
 def main(argv=None) -> int:
@@ -246,51 +417,69 @@ def main(argv=None) -> int:
     parser.add_argument("--png", default=None, help="write the figure here")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1,
-                        help="prior and noise seed (the configurations were chosen on seed 0)")
+                        help="prior and noise seed (the difsolve rows were chosen on seed 0)")
+    parser.add_argument("--slow-peers", action="store_true",
+                        help="also diffusers' DPMSolverSDEScheduler (slow: a torchsde tree)")
+    parser.add_argument("--budgets", default=None, help="comma-separated NFE budgets")
+    parser.add_argument("--only", default=None,
+                        help="run only the rows whose name contains one of these "
+                             "';'-separated strings (a partial comparison)")
     args = parser.parse_args(argv)
+    global BUDGETS
+    if args.budgets:
+        BUDGETS = tuple(int(b) for b in args.budgets.split(","))
     torch.set_num_threads(1)
-    n = args.samples or (4000 if args.quick else 40000)
+    started = time.perf_counter()
+    n = args.samples or (20_000 if args.quick else 200_000)
     p = Problem(n, seed=args.seed)
-    (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 16)
-    print(f"exact 8-mode ring under EDM (sigma 80 -> 0.002), {n} samples, float64")
-    print(f"Monte-Carlo floor (mean error of exact draws of {n}, +- its standard deviation): "
+    print(f"exact {p.dim}-D mixture of {p.mixture.n_components} narrow modes (weights "
+          f"{float(p.mixture.weights.max()):.3f} .. {float(p.mixture.weights.min()):.3f}, "
+          f"std 0.02 .. 0.08) under EDM (sigma 80 -> 0.002), {n} samples, float64, seed "
+          f"{args.seed}; fast field vs difsolve.GaussianMixture: max rel. diff "
+          f"{check_field(p.field):.1e}")
+    (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 12)
+    print(f"Monte-Carlo floor (errors of exact draws of {n}: mean +- sd): "
           f"weight {fw:.4f} +- {sw:.4f}, width {fs:.4f} +- {ss:.4f}")
-    header = (f"{'library':<12} {'sampler':<46} " +
+    header = (f"{'library':<12} {'sampler':<58} " +
               " ".join(f"{'NFE':>4} {'weight':>7} {'width':>7}" for _ in BUDGETS) + f" {'s':>6}")
     print(header)
     print("-" * len(header))
     results = {}
-    for lib, name, run in samplers(args.quick):
+    rows = samplers(args.quick, args.slow_peers)
+    if args.only:
+        rows = [r for r in rows if any(part in r[1] for part in args.only.split(";"))]
+        print(f"PARTIAL comparison: only the {len(rows)} rows matching {args.only!r}")
+    for lib, name, run in rows:
         t0 = time.perf_counter()
         row = []
         for b in BUDGETS:
             x, nfe = run(p, b)
+            if nfe > b:
+                raise RuntimeError(f"{name} spent {nfe} > {b} evaluations")
             ok = bool(torch.isfinite(x).all())
             w, s = p.errors(x) if ok else (math.inf, math.inf)
             row.append((nfe, w, s))
         results[(lib, name)] = row
         cells = " ".join(f"{nfe:>4} {w:>7.4f} {s:>7.4f}" for nfe, w, s in row)
-        print(f"{lib:<12} {name:<46} {cells} {time.perf_counter() - t0:>6.1f}", flush=True)
+        print(f"{lib:<12} {name:<58} {cells} {time.perf_counter() - t0:>6.1f}", flush=True)
     print()
-    print("best above the floor (error - floor), difsolve against the best peer:")
-    for k, b in enumerate(BUDGETS):
-        for m, (label, fl, sd) in enumerate((("weight", fw, sw), ("width", fs, ss))):
-            best = {}
-            for side in ("difsolve", "peer"):
-                cands = [(row[k][m + 1] - fl, name) for (lib, name), row in results.items()
-                         if (lib == "difsolve") == (side == "difsolve")]
-                best[side] = min(cands)
-            (dv, dn), (pv, pn) = best["difsolve"], best["peer"]
-            if pv <= 2 * sd:
-                verdict = "peer within 2 sd of the floor: not resolved"
-                ratio = "-"
-            else:
-                ratio = f"{max(dv, 0.0) / pv:.2f}"
-                verdict = "target <= 0.5 met" if max(dv, 0.0) / pv <= 0.5 else "not met"
-            print(f"  {b:>3} NFE {label:<6}: difsolve {dv:+.4f} ({dn}), peer {pv:+.4f} ({pn}), "
-                  f"ratio {ratio} ({verdict})")
+    print("best difsolve against the best peer, error above the floor (max(error - floor mean, 0)):")
+    for c in compare(results, (fw, fs), (sw, ss)):
+        verdict = ("met (<= 0.5)" if c["met"] else "NOT met" if c["resolved"]
+                   else "not resolved: the best peer is within 2 sd of the floor")
+        ratio = f"{c['ratio']:.2f}" if math.isfinite(c["ratio"]) else "-"
+        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: difsolve {c['ds']:.4f} (+{c['ds_above']:.4f},"
+              f" {c['ds_name']}) | peer {c['peer']:.4f} (+{c['peer_above']:.4f}, "
+              f"{c['peer_name']}) | ratio {ratio}: {verdict}")
+    print("the same, with k-diffusion's dpmpp_2m_sde at difsolve's eta < 1 counted as a peer:")
+    for c in compare(results, (fw, fs), (sw, ss), peers=(*PEERS, REFERENCE)):
+        ratio = f"{c['ratio']:.2f}" if math.isfinite(c["ratio"]) else "-"
+        state = "met" if c["met"] else "NOT met" if c["resolved"] else "not resolved"
+        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: peer {c['peer']:.4f} ({c['peer_name']}), "
+              f"ratio {ratio}: {state}")
     if args.png:
         _plot(results, (fw, fs), (sw, ss), args.png)
+    print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
 

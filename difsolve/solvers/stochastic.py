@@ -41,6 +41,7 @@ al., *DDPM* (2020); Karras et al. (2022) / k-diffusion ``sample_euler_ancestral`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -177,16 +178,16 @@ class _ExponentialMultistep(_DataPredictionSDE):
         return (denoise(x, t), lam, *([torch.zeros_like(x)] * hist),
                 *([torch.zeros_like(lam)] * hist), torch.zeros_like(lam)), 1
 
-    def step(self, dynamics, x, t, h, state, dw, ctx):
-        process, denoise, to_t = unwrap_flow(dynamics)
-        L, p, c = self._history, self.predictor_order, self.corrector_order
-        d0, lam_s = state[0], state[1]
-        d_hist, lam_hist, count = state[2:1 + L], state[1 + L:2 * L], state[-1]
-        t_s, t_next = to_t(t), to_t(t + h)
-        _, b_s, _ = marginal_log_snr(process, t_s)
+    def _coefficients(self, process, t_s, t_next, lam_hist, count):
+        """Per-row coefficients of a step from ``t_s`` to ``t_next`` (``(N,)`` each, ``count``
+        steps done before it, ``lam_hist`` the older log-SNRs, newest first): predictor weights
+        ``(N, p)``, corrector weights ``(N, c)`` (None without a corrector), the factor of ``x``,
+        the noise standard deviation and ``a_t``; weights in float64 (float32 on MPS)."""
+        p, c = self.predictor_order, self.corrector_order
+        _, b_s, lam_s = marginal_log_snr(process, t_s)
         a_t, b_t, lam_t = marginal_log_snr(process, t_next)
         eta = self._eta(process, t_s)
-        w64 = torch.float64 if x.device.type != "mps" else x.dtype
+        w64 = torch.float64 if t_s.device.type != "mps" else t_s.dtype
         hl = (lam_t - lam_s).to(w64)
         H = (1.0 + eta.to(w64)) * hl
         safe_h = torch.where(hl == 0, torch.ones_like(hl), hl)
@@ -199,33 +200,89 @@ class _ExponentialMultistep(_DataPredictionSDE):
         if c:
             corr = [torch.ones_like(hl), *nodes]
             sets += [torch.stack(corr[:k], dim=1) for k in range(2, c + 1)]
-        weights = self._weights(sets, H).to(x.dtype)
+        weights = self._weights(sets, H)
         rows = torch.arange(hl.shape[0], device=hl.device)
+        use = (torch.clamp(count + 1, max=p) - 1).long()
+        w_pred = weights[use, rows]
+        w_corr = None
+        if c:
+            use_c = (torch.clamp(count + 2, max=c) - 2).long()  # corrector set size - 2
+            w_corr = weights[p + use_c, rows]
+        decay = torch.exp(-eta * (lam_t - lam_s))
+        noise_std = b_t * (-torch.expm1(-2.0 * eta * (lam_t - lam_s))).clamp(min=0).sqrt()
+        return w_pred, w_corr, b_t / b_s * decay, noise_std, a_t
+
+    def prepare(self, dynamics, grid: torch.Tensor) -> _StepPlan:
+        """Coefficients of every step of a grid shared by the batch (``grid``: ``(n + 1,)`` in
+        the integration variable), computed once for the ``n`` steps instead of per row and
+        step; :meth:`step` then only combines stored values (same numbers as the per-row path:
+        the history a step sees on a shared grid is the grid itself)."""
+        process, _, to_t = unwrap_flow(dynamics)
+        t = to_t(grid)
+        lam = marginal_log_snr(process, t)[2]
+        n = t.shape[0] - 1
+        idx = torch.arange(n, device=t.device)
+        lam_hist = [lam[(idx - 1 - j).clamp(min=0)] for j in range(self._history - 1)]
+        count = idx.to(lam.dtype)
+        return _StepPlan(*self._coefficients(process, t[:-1], t[1:], lam_hist, count))
+
+    def step(self, dynamics, x, t, h, state, dw, ctx):
+        process, denoise, to_t = unwrap_flow(dynamics)
+        L = self._history
+        d0, lam_s = state[0], state[1]
+        d_hist, lam_hist, count = state[2:1 + L], state[1 + L:2 * L], state[-1]
+        t_s, t_next = to_t(t), to_t(t + h)
+        lam_t = marginal_log_snr(process, t_next)[2]
+        plan = getattr(ctx, "plan", None)
+        if isinstance(plan, _StepPlan):  # a grid shared by the batch: one row of the plan
+            i = ctx.index
+            w_pred, w_corr = plan.w_pred[i].to(x.dtype), plan.w_corr
+            w_corr = None if w_corr is None else w_corr[i].to(x.dtype)
+            scale_x, noise_std, a_t = plan.scale_x[i], plan.noise_std[i], plan.a_t[i]
+
+            def coef(v, vals):  # 0-d coefficients broadcast against x
+                return v
+        else:
+            w_pred, w_corr, scale_x, noise_std, a_t = self._coefficients(
+                process, t_s, t_next, lam_hist, count)
+            w_pred = w_pred.to(x.dtype)
+            w_corr = None if w_corr is None else w_corr.to(x.dtype)
+
+            def coef(v, vals):
+                return bcast(v, vals)
         values = [d0, *d_hist]
 
         def combine(w, vals):
-            total = bcast(w[:, 0], x) * vals[0]
-            for j in range(1, min(len(vals), w.shape[1])):
-                total = total + bcast(w[:, j], x) * vals[j]
+            cols = w.shape[-1]
+            total = coef(w[..., 0], x) * vals[0]
+            for j in range(1, min(len(vals), cols)):
+                total = total + coef(w[..., j], x) * vals[j]
             return total
 
-        decay = torch.exp(-eta * (lam_t - lam_s))
-        noise_std = b_t * (-torch.expm1(-2.0 * eta * (lam_t - lam_s))).clamp(min=0).sqrt()
-        base = bcast(b_t / b_s * decay, x) * x + bcast(noise_std, x) * _standard_normal(dw, h)
-        use = (torch.clamp(count + 1, max=p) - 1).long()
-        x_pred = base + bcast(a_t, x) * combine(weights[use, rows], values)
+        base = coef(scale_x, x) * x + coef(noise_std, x) * _standard_normal(dw, h)
+        x_pred = base + coef(a_t, x) * combine(w_pred, values)
         last = ctx.n_steps is not None and ctx.index == ctx.n_steps - 1
         if last:  # the final point of a fixed grid: no corrector, nothing needs D there
             return Step(x_pred, None, state, 0)
         d_new = denoise(x_pred, t_next)
         x_new = x_pred
-        if c:
-            use_c = torch.clamp(count + 2, max=c) - 2  # corrector set size - 2
-            x_new = base + bcast(a_t, x) * combine(weights[p + use_c.long(), rows],
-                                                    [d_new, *values])
+        if w_corr is not None:
+            x_new = base + coef(a_t, x) * combine(w_corr, [d_new, *values])
         new_state = (d_new, lam_t, d0, *d_hist[:-1], lam_s, *lam_hist[:-1], count + 1) \
             if L > 1 else (d_new, lam_t, count + 1)
         return Step(x_new, None, new_state, 1)
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """Per-step coefficients of a shared grid: weights ``(n, p)`` / ``(n, c)``, ``(n,)``
+    factors of ``x``, noise standard deviations and ``a_t``."""
+
+    w_pred: torch.Tensor
+    w_corr: torch.Tensor | None
+    scale_x: torch.Tensor
+    noise_std: torch.Tensor
+    a_t: torch.Tensor
 
 
 class DPMSolverSDE(_ExponentialMultistep):
