@@ -63,8 +63,8 @@ from .._tensor import bcast, host_reads_free, where_rows
 from ..dynamics import TimeChange, split_time_change
 from .base import Solver, Step
 
-__all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "lagrange_weights",
-           "masked_lagrange_weights"]
+__all__ = ["DEIS", "IPNDM", "DPMSolver", "Multistep", "UniPC", "kernel_moments",
+           "lagrange_weights", "masked_lagrange_weights", "masked_weights", "unit_moments"]
 
 #: up to this |h| the kernel moments are integrated by quadrature (no cancellation)
 _SERIES_BELOW = 2.0
@@ -119,6 +119,25 @@ def kernel_moments(h: torch.Tensor, k: int, form: str = "data") -> torch.Tensor:
         sign = torch.tensor([(-1.0) ** (m + 1) for m in range(k)], dtype=h.dtype,
                             device=h.device)
         moments = moments * sign[:, None]
+    return moments
+
+
+def unit_moments(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``m_j(h) = int_0^h e^{-(h-w)} (w/h)^j dw = M_j(h) / h^j`` for ``j < k`` (nodes in units of
+    the step; ``m_j(0) = 0``), moment-major ``(k, B)``: by the quadrature of
+    :func:`kernel_moments` for ``|h| <= 2`` (``h int_0^1 e^{-h(1-s)} s^j ds``), else the stable
+    recurrence ``m_0 = 1 - e^{-h}``, ``m_j = 1 - j m_{j-1} / h``."""
+    small = h.abs() <= _SERIES_BELOW
+    every_small = host_reads_free(h) and bool(small.all())
+    hs = h if every_small else torch.where(small, h, 0.0)
+    nodes, basis = _quadrature_rule(k, h.dtype, h.device)
+    moments = (basis * torch.exp(nodes * hs)).sum(1) * hs
+    if not every_small:
+        hl = torch.where(small, 1.0, h)
+        far = [-torch.expm1(-hl)]
+        for j in range(1, k):
+            far.append(1.0 - j * far[-1] / hl)
+        moments = torch.where(small, moments, torch.stack(far))
     return moments
 
 

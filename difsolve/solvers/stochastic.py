@@ -40,7 +40,6 @@ al., *DDPM* (2020); Karras et al. (2022) / k-diffusion ``sample_euler_ancestral`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -55,35 +54,14 @@ from .._errors import (
 )
 from .._tensor import bcast
 from .base import Solver, Step
-from .exponential import marginal_log_snr, unwrap_flow
+from .exponential import marginal_log_snr, masked_weights, unit_moments, unwrap_flow
 
 __all__ = ["DDIM", "DPMSolverSDE", "EulerAncestral", "SASolver"]
 
-#: below this ``H`` the moments are summed from their Taylor series (no cancellation)
-_SERIES_BELOW = 0.5
-_SERIES_TERMS = 14
-
-
 def exp_moments(H: torch.Tensor, k: int) -> torch.Tensor:
-    """``m_j(H) = int_0^H e^{-(H-w)} (w/H)^j dw`` for ``j < k``, shape ``(B, k)``.
-
-    Recurrence ``m_0 = 1 - e^{-H}``, ``m_j = 1 - j m_{j-1} / H`` for ``H >= 0.5``; below, the series
-    ``m_j = j! H sum_i (-H)^i / (i + j + 1)!`` (the recurrence cancels for small ``H``).
-    ``m_j(0) = 0``. Computed in the dtype of ``H`` (pass float64).
-    """
-    small = H.abs() < _SERIES_BELOW
-    hs = torch.where(small, H, torch.zeros_like(H))
-    hb = torch.where(small, torch.ones_like(H), H)
-    out, prev = [], None
-    for j in range(k):
-        acc = torch.zeros_like(H)
-        for i in range(_SERIES_TERMS - 1, -1, -1):
-            acc = 1.0 / math.factorial(i + j + 1) - hs * acc
-        series = math.factorial(j) * hs * acc
-        rec = -torch.expm1(-hb) if j == 0 else 1.0 - j * prev / hb
-        prev = rec
-        out.append(torch.where(small, series, rec))
-    return torch.stack(out, dim=1)
+    """``m_j(H) = int_0^H e^{-(H-w)} (w/H)^j dw`` for ``j < k``, shape ``(B, k)`` (``m_j(0) = 0``;
+    pass float64): :func:`~difsolve.solvers.exponential.unit_moments`, batch first."""
+    return unit_moments(H, k).T
 
 
 def _standard_normal(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -135,31 +113,16 @@ class _ExponentialMultistep(_DataPredictionSDE):
         self._history = max(predictor_order, corrector_order - 1)
 
     # --- weights --------------------------------------------------------------------------
-    def _moments(self, H: torch.Tensor, k: int, kmax: int) -> torch.Tensor:
-        """Moments used by a ``k``-point set; the ``"reference"`` variant reproduces the
-        published formulas: 2M midpoint (``m_1 -> m_0/2``) and DPM-Solver's 3M (``m_2 -> m_2/2``)."""
-        m = exp_moments(H, kmax)
-        if self.variant == "reference" and k == self.predictor_order:
-            if k == 2:
-                m = torch.cat([m[:, :1], 0.5 * m[:, :1], m[:, 2:]], dim=1)
-            elif k == 3:
-                m = torch.cat([m[:, :2], 0.5 * m[:, 2:3], m[:, 3:]], dim=1)
-        return m
-
-    def _weights(self, node_sets: list[torch.Tensor], H: torch.Tensor) -> torch.Tensor:
-        """Weights of every node set (``(B, k_i)`` nodes in units of ``h``): ``(sets, B, m)``."""
-        m = max(n.shape[1] for n in node_sets)
-        batch = H.shape[0]
-        eye = torch.eye(m, device=H.device, dtype=H.dtype)
-        systems, rhs = [], []
-        for nodes in node_sets:
-            k = nodes.shape[1]
-            powers = torch.arange(k, device=H.device, dtype=H.dtype)
-            full = eye.expand(batch, m, m).clone()
-            full[:, :k, :k] = (nodes[:, :, None] ** powers).mT  # V^T[i, j] = v_j^i
-            systems.append(full)
-            rhs.append(torch.nn.functional.pad(self._moments(H, k, m)[:, :k], (0, m - k)))
-        return torch.linalg.solve(torch.stack(systems), torch.stack(rhs)[..., None])[..., 0]
+    def _predictor_moments(self, m: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Moments ``(p, B)`` of each row's predictor (of order ``order``): the ``"reference"``
+        variant reproduces the published formulas at the full order, 2M midpoint
+        (``m_1 -> m_0/2``) and DPM-Solver's 3M (``m_2 -> m_2/2``)."""
+        p = self.predictor_order
+        if self.variant != "reference" or p not in (2, 3):
+            return m
+        j = p - 1
+        changed = torch.cat([m[:j], (0.5 * m[0] if p == 2 else 0.5 * m[2])[None], m[j + 1:]])
+        return torch.where(order == p, changed, m)
 
     def _eta(self, process, t: torch.Tensor) -> torch.Tensor:
         eta = torch.full_like(t, self.eta)
@@ -191,23 +154,19 @@ class _ExponentialMultistep(_DataPredictionSDE):
         hl = (lam_t - lam_s).to(w64)
         H = (1.0 + eta.to(w64)) * hl
         safe_h = torch.where(hl == 0, torch.ones_like(hl), hl)
-        # past nodes in units of h; distinct far dummies where the history is not there yet
+        # nodes in units of h, one masked Lagrange pass for the rows of every order (the nodes a
+        # row's history does not have yet are not used)
         past = [(lam.to(w64) - lam_s.to(w64)) / safe_h for lam in lam_hist]
-        past = [torch.where(count > j, v, torch.full_like(v, -1e3 * (j + 2)))
-                for j, v in enumerate(past)]
-        nodes = [torch.zeros_like(hl), *past]
-        sets = [torch.stack(nodes[:k], dim=1) for k in range(1, p + 1)]
-        if c:
-            corr = [torch.ones_like(hl), *nodes]
-            sets += [torch.stack(corr[:k], dim=1) for k in range(2, c + 1)]
-        weights = self._weights(sets, H)
-        rows = torch.arange(hl.shape[0], device=hl.device)
-        use = (torch.clamp(count + 1, max=p) - 1).long()
-        w_pred = weights[use, rows]
+        moments = unit_moments(H, max(p, c))
+        order = torch.clamp(count + 1, max=p)
+        nodes = torch.stack([torch.zeros_like(hl), *past])[:p]
+        used = torch.arange(p, device=hl.device)[:, None] < order
+        w_pred = masked_weights(nodes, used, self._predictor_moments(moments[:p], order)).T
         w_corr = None
-        if c:
-            use_c = (torch.clamp(count + 2, max=c) - 2).long()  # corrector set size - 2
-            w_corr = weights[p + use_c, rows]
+        if c:  # the corrector's nodes: the predicted point (v = 1), then the predictor's
+            nodes_c = torch.stack([torch.ones_like(hl), torch.zeros_like(hl), *past])[:c]
+            used_c = torch.arange(c, device=hl.device)[:, None] < torch.clamp(count + 2, max=c)
+            w_corr = masked_weights(nodes_c, used_c, moments[:c]).T
         decay = torch.exp(-eta * (lam_t - lam_s))
         noise_std = b_t * (-torch.expm1(-2.0 * eta * (lam_t - lam_s))).clamp(min=0).sqrt()
         return w_pred, w_corr, b_t / b_s * decay, noise_std, a_t
