@@ -35,7 +35,8 @@ from .solvers.base import Solver, StepContext
 from .solvers.exponential import DEIS, IPNDM
 from .solvers.runge_kutta import Dopri5
 
-__all__ = ["TuningInfo", "fixed_grid_nfe", "recommended", "steps_for_nfe", "tune_schedule"]
+__all__ = ["Pilots", "TuningInfo", "draw_pilots", "fixed_grid_nfe", "recommended", "steps_for_nfe",
+           "tune_schedule"]
 
 #: named schedules (of :data:`~difsolve.control.SCHEDULES`, defined in sigma) tried as starts
 START_SCHEDULES = ("karras", "logsnr", "polyexponential", "time_uniform")
@@ -113,7 +114,65 @@ def _theta_of(grid, process):
     return torch.log(inc.clamp(min=1e-12))
 
 
-def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
+@dataclass
+class Pilots:
+    """Prior draws ``x`` (at ``t_max``) of a field and the tight reference endpoints ``target``
+    (at ``t_min``) of its probability-flow ODE from them: what :func:`tune_schedule` fits a grid
+    to. Draw them once per field with :func:`draw_pilots` and reuse them for every solver and
+    budget (the reference solves are most of the tuning cost)."""
+
+    x: torch.Tensor
+    target: torch.Tensor
+    nfe_reference: int  # batched field calls of the reference solves
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def _as_generator(generator):
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"argument `generator` must be a torch.Generator or an int, got {generator!r}")
+    return generator
+
+
+def _data_shape(field, shape):
+    if shape is None:
+        means = getattr(getattr(field, "mixture", None), "means", None)
+        if means is None:
+            raise IncompatibleError(
+                "argument `shape`: give the per-sample data shape (it is inferred only for "
+                "Gaussian-mixture fields)")
+        shape = tuple(means.shape[1:])
+    return tuple(int(s) for s in shape)
+
+
+def draw_pilots(field, n: int, *, generator: torch.Generator | int | None = None, shape=None,
+                rtol: float = 1e-8, batch: int = 8192) -> Pilots:
+    """``n`` prior draws of ``field`` and their reference endpoints: Dopri5 in data-prediction
+    (log-SNR) time with ``rtol = atol = rtol``, float64, in batches of ``batch`` draws.
+
+    Use a ``generator`` independent of the draws the tuned grid is evaluated on."""
+    check_field(field)
+    n = check_int(n, "pilots")
+    generator = _as_generator(generator)
+    shape = _data_shape(field, shape)
+    process = field.process
+    ode = ProbabilityFlowODE(field)
+    x = process.prior_sample((n, *shape), generator=generator, dtype=torch.float64)
+    targets, nfe = [], 0
+    with torch.no_grad():
+        for chunk in x.split(batch):
+            ref = solve(ode, chunk, process.t_max, process.t_min, solver=Dopri5(),
+                        controller=PIController(rtol=rtol, atol=rtol), time_variable="snr")
+            targets.append(ref.x)
+            nfe += int(ref.stats.nfe)
+    return Pilots(x, torch.cat(targets), nfe)
+
+
+def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int | Pilots = 64,
                   generator: torch.Generator | int | None = None, shape=None,
                   iterations: int = 60, return_info: bool = False):
     """Time grid (``t_max`` to ``t_min``) on which ``solver`` spends exactly ``nfe`` evaluations,
@@ -123,7 +182,8 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
         field: a score field (its process must define ``sigma`` and ``t_of_sigma``).
         solver: an ODE solver (any fixed-grid solver: DPMSolver, UniPC, DEIS, IPNDM, Heun, ...).
         nfe: the evaluation budget (the initial evaluation included; ``denoise`` excluded).
-        pilots: number of prior draws the grid is optimised on.
+        pilots: number of prior draws the grid is optimised on, or a :class:`Pilots` from
+            :func:`draw_pilots` (then ``generator`` and ``shape`` are not used).
         generator: a ``torch.Generator`` or an int seed for the pilot draws.
         shape: per-sample shape ``(...)`` of the data; inferred for Gaussian-mixture fields.
         iterations: L-BFGS iterations.
@@ -138,35 +198,19 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
     if solver.sde or solver.stochastic:
         raise IncompatibleError("argument `solver`: tune_schedule tunes ODE solvers")
     steps = steps_for_nfe(solver, nfe)
-    pilots = check_int(pilots, "pilots")
     iterations = check_int(iterations, "iterations", minimum=0)
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        generator = torch.Generator().manual_seed(generator)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(
-            f"argument `generator` must be a torch.Generator or an int, got {generator!r}")
-    if shape is None:
-        means = getattr(getattr(field, "mixture", None), "means", None)
-        if means is None:
-            raise IncompatibleError(
-                "argument `shape`: give the per-sample data shape (it is inferred only for "
-                "Gaussian-mixture fields)")
-        shape = tuple(means.shape[1:])
-    shape = tuple(int(s) for s in shape)
+    if not isinstance(pilots, Pilots):
+        pilots = draw_pilots(field, check_int(pilots, "pilots"), generator=generator,
+                             shape=shape)
     process = field.process
     ode = ProbabilityFlowODE(field)
     solver.check_dynamics(ode)
     dtype = torch.float64
-    x_T = process.prior_sample((pilots, *shape), generator=generator, dtype=dtype)
-    with torch.no_grad():
-        ref = solve(ode, x_T, process.t_max, process.t_min, solver=Dopri5(),
-                    controller=PIController(rtol=1e-8, atol=1e-8), time_variable="snr")
-    nfe_ref = int(ref.stats.nfe)
-    target = ref.x
+    x_T, target, n = pilots.x, pilots.target, len(pilots)
 
     def loss_of(grid):
         x, spent = _integrate(ode, solver, x_T, grid)
-        return (x - target).reshape(pilots, -1).square().sum(1).mean(), spent
+        return (x - target).reshape(n, -1).square().sum(1).mean(), spent
 
     t0 = as_time(process.t_max, x_T[:1, ..., 0].reshape(1), "t_max")
     t1 = as_time(process.t_min, x_T[:1, ..., 0].reshape(1), "t_min")
@@ -208,7 +252,7 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
         opt.step(closure)
     grid = best[1].to(dtype)
     grid[0], grid[-1] = process.t_max, process.t_min
-    info = TuningInfo(steps=steps, nfe_reference=nfe_ref, nfe_search=nfe_search + counts[0],
+    info = TuningInfo(steps=steps, nfe_reference=pilots.nfe_reference, nfe_search=nfe_search + counts[0],
                       gradients=counts[1], start_schedule=start,
                       start_error=by_schedule[start], error=math.sqrt(best[0]),
                       errors_by_schedule=by_schedule)
