@@ -131,3 +131,40 @@ def test_recommended_spends_the_budget(nfe):
     assert sol.stats.nfe == nfe and bool(torch.isfinite(sol.x).all())
     with pytest.raises(ds.DifsolveError, match="nfe"):
         recommended(0)
+
+
+def test_pilots_are_reusable_and_match_the_integer_form():
+    field = _mixture().score_field(ds.EDM())
+    pilots = ds.draw_pilots(field, 16, generator=4)
+    assert len(pilots) == 16 and pilots.x.dtype == F64 and pilots.nfe_reference > 0
+    # the same draws as tune_schedule's own, so the same grid
+    by_int = ds.tune_schedule(field, ds.UniPC(2), 6, pilots=16, generator=4, iterations=5)
+    by_obj = ds.tune_schedule(field, ds.UniPC(2), 6, pilots=pilots, iterations=5)
+    assert torch.equal(by_int, by_obj)
+    # one set of pilots serves every solver and budget, and costs no more reference solves
+    grid, info = ds.tune_schedule(field, ds.DEIS(3), 9, pilots=pilots, iterations=5,
+                                  return_info=True)
+    assert grid.shape == (10,) and info.nfe_reference == pilots.nfe_reference
+    # the targets are the tight reference endpoints of the draws
+    ode = ds.ProbabilityFlowODE(field)
+    tight = ds.solve(ode, pilots.x, 80.0, 0.002, solver=ds.Dopri5(), time_variable="snr",
+                     controller=ds.PIController(rtol=1e-11, atol=1e-11)).x
+    assert float((pilots.target - tight).abs().max()) < 1e-6
+
+
+def test_pilots_are_independent_of_other_seeds():
+    field = _mixture().score_field(ds.EDM())
+    pilots = ds.draw_pilots(field, 64, generator=1)
+    evaluation = field.process.prior_sample((64, 2), generator=torch.Generator().manual_seed(0),
+                                            dtype=F64)
+    assert not (pilots.x[:, None, :] == evaluation[None]).all(-1).any()
+    batched = ds.draw_pilots(field, 64, generator=1, batch=24)  # batching changes nothing
+    assert torch.equal(batched.x, pilots.x)
+    assert float((batched.target - pilots.target).abs().max()) < 1e-7
+
+
+def test_tuning_lowers_the_pilot_error(tuned):
+    _, _, _, info = tuned
+    # strictly: the search must find a grid well below the best named schedule on the pilots
+    assert info.error < 0.7 * info.start_error, (info.error, info.start_error)
+    assert info.start_error == min(info.errors_by_schedule.values())
