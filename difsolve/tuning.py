@@ -25,18 +25,18 @@ from dataclasses import field as dc_field
 
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, check_int
+from ._errors import ArgumentTypeError, IncompatibleError, check, check_int
 from ._tensor import as_time
 from .control import PIController, make_grid
 from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
 from .integrate import solve
 from .solvers.base import Solver, StepContext
-from .solvers.exponential import DEIS, IPNDM
+from .solvers.exponential import DEIS, IPNDM, UniPC
 from .solvers.runge_kutta import Dopri5
 
-__all__ = ["Pilots", "TuningInfo", "draw_pilots", "fixed_grid_nfe", "recommended", "steps_for_nfe",
-           "tune_schedule"]
+__all__ = ["Pilots", "TuningInfo", "default_candidates", "draw_pilots", "fixed_grid_nfe",
+           "recommended", "steps_for_nfe", "tune_method", "tune_schedule"]
 
 #: named schedules (of :data:`~difsolve.control.SCHEDULES`, defined in sigma) tried as starts
 START_SCHEDULES = ("karras", "logsnr", "polyexponential", "time_uniform")
@@ -54,6 +54,7 @@ class TuningInfo:
     start_error: float
     error: float
     errors_by_schedule: dict[str, float] = dc_field(default_factory=dict)
+    errors_by_solver: dict[str, float] = dc_field(default_factory=dict)  # tune_method
 
     @property
     def nfe(self) -> int:
@@ -257,6 +258,39 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int | Pilots = 64,
                       start_error=by_schedule[start], error=math.sqrt(best[0]),
                       errors_by_schedule=by_schedule)
     return (grid, info) if return_info else grid
+
+
+def default_candidates() -> tuple[Solver, ...]:
+    """The solvers :func:`tune_method` chooses among by default (one evaluation per step each):
+    the ones whose tuned grids were best somewhere in docs/low-nfe.md's development problems."""
+    return (UniPC(2, "bh2"), UniPC(3, "bh2"), IPNDM(4))
+
+
+def tune_method(field, nfe: int, *, candidates=None, pilots: int | Pilots = 1024,
+                generator: torch.Generator | int | None = None, shape=None,
+                iterations: int = 60) -> tuple[Solver, torch.Tensor, TuningInfo]:
+    """The solver of ``candidates`` (default :func:`default_candidates`) and its tuned grid with
+    the lowest pilot error at a budget of ``nfe`` evaluations: :func:`tune_schedule` for each
+    candidate on the same pilots, chosen on the pilots alone (never on evaluation draws).
+
+    Returns ``(solver, grid, info)``; ``info.errors_by_solver`` holds every candidate's tuned
+    pilot RMS error and ``info.nfe``/``info.gradients`` the cost of all the searches together.
+    """
+    candidates = tuple(default_candidates() if candidates is None else candidates)
+    check(len(candidates) > 0, "candidates", "at least one solver", candidates)
+    if not isinstance(pilots, Pilots):
+        pilots = draw_pilots(field, check_int(pilots, "pilots"), generator=generator,
+                             shape=shape)
+    tried = []
+    for solver in candidates:
+        grid, info = tune_schedule(field, solver, nfe, pilots=pilots, iterations=iterations,
+                                   return_info=True)
+        tried.append((info.error, len(tried), solver, grid, info))
+    _, _, solver, grid, info = min(tried, key=lambda r: r[:2])
+    info.errors_by_solver = {repr(r[2]): r[0] for r in tried}
+    info.nfe_search = sum(r[4].nfe_search for r in tried)
+    info.gradients = sum(r[4].gradients for r in tried)
+    return solver, grid, info
 
 
 #: the best solver and named schedule per budget, measured on the named schedules only (no

@@ -168,3 +168,21 @@ def test_tuning_lowers_the_pilot_error(tuned):
     # strictly: the search must find a grid well below the best named schedule on the pilots
     assert info.error < 0.7 * info.start_error, (info.error, info.start_error)
     assert info.start_error == min(info.errors_by_schedule.values())
+
+
+def test_tune_method_picks_the_lowest_pilot_error():
+    field = _mixture().score_field(ds.EDM())
+    pilots = ds.draw_pilots(field, 16, generator=2)
+    candidates = (ds.DPMSolver(2), ds.UniPC(2), ds.IPNDM(4))
+    solver, grid, info = ds.tune_method(field, 8, candidates=candidates, pilots=pilots,
+                                        iterations=5)
+    assert set(info.errors_by_solver) == {repr(c) for c in candidates}
+    assert info.error == min(info.errors_by_solver.values())
+    assert info.errors_by_solver[repr(solver)] == info.error
+    # the chosen grid, re-run on the pilots, gives the reported error and spends the budget
+    ode = ds.ProbabilityFlowODE(field)
+    sol = ds.solve(ode, pilots.x, 80.0, 0.002, solver=solver, steps=grid)
+    assert sol.stats.nfe == 8
+    assert math.isclose(_rms(sol.x, pilots.target), info.error, rel_tol=1e-9)
+    with pytest.raises(ds.DifsolveError, match="candidates"):
+        ds.tune_method(field, 8, candidates=(), pilots=pilots)
