@@ -174,15 +174,22 @@ def test_tune_method_picks_the_lowest_pilot_error():
     field = _mixture().score_field(ds.EDM())
     pilots = ds.draw_pilots(field, 16, generator=2)
     candidates = (ds.DPMSolver(2), ds.UniPC(2), ds.IPNDM(4))
-    solver, grid, info = ds.tune_method(field, 8, candidates=candidates, pilots=pilots,
-                                        iterations=5)
-    assert set(info.errors_by_solver) == {repr(c) for c in candidates}
-    assert info.error == min(info.errors_by_solver.values())
-    assert info.errors_by_solver[repr(solver)] == info.error
-    # the chosen grid, re-run on the pilots, gives the reported error and spends the budget
     ode = ds.ProbabilityFlowODE(field)
-    sol = ds.solve(ode, pilots.x, 80.0, 0.002, solver=solver, steps=grid)
-    assert sol.stats.nfe == 8
-    assert math.isclose(_rms(sol.x, pilots.target), info.error, rel_tol=1e-9)
+    for holdout in (0.0, 0.25):
+        solver, grid, info = ds.tune_method(field, 8, candidates=candidates, pilots=pilots,
+                                            iterations=5, holdout=holdout)
+        assert set(info.errors_by_solver) == {repr(c) for c in candidates}
+        best = min(info.errors_by_solver.values())
+        assert info.errors_by_solver[repr(solver)] == best
+        # the chosen grid, re-run on the judging pilots, gives the reported error and spends
+        # the budget; without a holdout that is the tuning error itself
+        judge = slice(0, 4) if holdout else slice(None)
+        sol = ds.solve(ode, pilots.x[judge], 80.0, 0.002, solver=solver, steps=grid)
+        assert sol.stats.nfe == 8
+        assert math.isclose(_rms(sol.x, pilots.target[judge]), best, rel_tol=1e-9)
+        if not holdout:
+            assert math.isclose(info.error, best, rel_tol=1e-9)
     with pytest.raises(ds.DifsolveError, match="candidates"):
         ds.tune_method(field, 8, candidates=(), pilots=pilots)
+    with pytest.raises(ds.DifsolveError, match="holdout"):
+        ds.tune_method(field, 8, pilots=pilots, holdout=1.0)
