@@ -120,9 +120,10 @@ OURS = {
     "DEIS(3)": lambda: ds.DEIS(3),
     "IPNDM(4)": lambda: ds.IPNDM(4),
 }
-TUNED = ("UniPC(2,bh2)", "UniPC(3,bh2)")
-TUNE_ITERATIONS = 40
-QUICK_TUNED = ("UniPC(2,bh2)",)
+TUNED = ("UniPC(2,bh2)", "UniPC(3,bh2)", "IPNDM(4)")  # = tuning.default_candidates()
+TUNE_ITERATIONS, HOLDOUT = 40, 0.25
+QUICK_TUNED = ("UniPC(2,bh2)", "IPNDM(4)")
+PICKED = "difsolve tune_method [tuned, solver chosen on pilots]"
 
 
 def run(quick: bool, png: str | None, names=None, nfes=None, out_json=None) -> int:
@@ -185,7 +186,7 @@ def run(quick: bool, png: str | None, names=None, nfes=None, out_json=None) -> i
                     assert sol.stats.nfe == nfe
                     row[nfe] = err(pname, sol.x, f"difsolve {label} [{sched}]", nfe)
     # tuned grids: each problem tuned on its own pilots (drawn once, reused for every budget)
-    tuning_log = []
+    tuning_log, picks = [], {}
     n_pilots = 512 if quick else N_PILOTS
     for pname in fields:
         ode, x, _ = ctx[pname]
@@ -194,25 +195,33 @@ def run(quick: bool, png: str | None, names=None, nfes=None, out_json=None) -> i
         t_pilots = time.perf_counter() - t0
         # the pilots are not evaluation draws (different seeds, and no row in common)
         assert not (pilots.x[:, None, :] == x[None, :, :]).all(-1).any()
-        for label in (QUICK_TUNED if quick else TUNED):
-            for nfe in nfes:
-                solver = OURS[label]()
-                t0 = time.perf_counter()
-                grid, info = ds.tune_schedule(fields[pname], solver, nfe, pilots=pilots,
-                                              iterations=TUNE_ITERATIONS, return_info=True)
-                tuning_log.append((label, pname, nfe, time.perf_counter() - t0 + t_pilots, info))
+        labels = QUICK_TUNED if quick else TUNED
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            tried = ds.tune_candidates(fields[pname], nfe, candidates=[OURS[lab]() for lab in labels],
+                                       pilots=pilots, iterations=TUNE_ITERATIONS, holdout=HOLDOUT)
+            seconds = (time.perf_counter() - t0 + t_pilots) / len(labels)
+            for label, (_, solver, grid, info) in zip(labels, tried):
+                tuning_log.append((label, pname, nfe, seconds, info))
                 grid = torch.tensor(grid.tolist(), dtype=torch.float64)  # as saved and loaded
                 sol = ds.solve(ode, x, 80.0, 0.002, solver=solver, steps=grid)
                 assert sol.stats.nfe == nfe
                 key = f"difsolve {label} [tuned]"
                 results[pname].setdefault(key, {})[nfe] = err(pname, sol.x, key, nfe)
+            # what tune_method returns: the candidate with the lowest held-back pilot error
+            chosen = labels[min(range(len(tried)), key=lambda i: tried[i][0])]
+            picks[pname, nfe] = chosen
+            key = PICKED
+            results[pname].setdefault(key, {})[nfe] = results[pname][
+                f"difsolve {chosen} [tuned]"][nfe]
     print(f"peers: {t_peers:.0f} s; total {time.perf_counter() - t_start:.0f} s\n")
     print(f"tuning cost (seconds on this CPU incl. the pilots' reference solves; batched forward "
           f"field calls on {n_pilots} pilots: reference + search; gradient evaluations):")
     for label, on, nfe, sec, info in tuning_log:
         print(f"  {label:<14} on {on:<6} NFE {nfe:>2}: {sec:5.1f} s, {info.nfe_reference} + "
               f"{info.nfe_search} NFE, {info.gradients} gradients; pilot RMS "
-              f"{info.start_error:.2e} ({info.start_schedule}) -> {info.error:.2e}")
+              f"{info.start_error:.2e} ({info.start_schedule}) -> {info.error:.2e}"
+              f"{'  <- chosen' if picks.get((on, nfe)) == label else ''}")
     if out_json:
         Path(out_json).write_text(json.dumps({"nfes": list(nfes), "results": results, "medians": [
             [k[0], k[1], k[2], v] for k, v in medians.items()]}))
@@ -273,6 +282,13 @@ def _summarise(results, nfes, medians):
         tag = "*" if pname in HELD_OUT else " "
         print(f"{pname + tag:<8} " + " ".join(
             f"{summary[pname][n][2][0] / summary[pname][n][0][0]:6.2f}" for n in nfes))
+    print("ratio of tune_method's choice (solver chosen on held-back pilots, not on the "
+          "evaluation draws) / best peer:")
+    for pname in summary:
+        tag = "*" if pname in HELD_OUT else " "
+        print(f"{pname + tag:<8} " + " ".join(
+            f"{results[pname].get(PICKED, {}).get(n, math.nan) / summary[pname][n][0][0]:6.2f}"
+            for n in nfes))
     print("(* held out: never used to choose the recipe; tuned on its own independent pilots)")
     return summary
 

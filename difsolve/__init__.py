@@ -53,7 +53,7 @@ from .solvers import (
     UniPC,
     annealed_langevin,
 )
-from .tuning import Pilots, TuningInfo, draw_pilots, tune_method, tune_schedule
+from .tuning import Pilots, TuningInfo, draw_pilots, tune_candidates, tune_method, tune_schedule
 
 __version__ = "0.1.0"
 
@@ -132,6 +132,7 @@ __all__ = [
     "restart_sample",
     "sample",
     "solve",
+    "tune_candidates",
     "tune_method",
     "tune_schedule",
 ]

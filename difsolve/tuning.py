@@ -11,6 +11,17 @@ so multistep histories are accounted for exactly, unlike a dynamic programme ove
 This is the "direct optimisation of the grid against reference trajectories" of Optimal Stepsize
 Distillation (Pei et al. 2025) and of Xue et al. (2024), with a global-error objective.
 
+The pilots (:class:`Pilots`: prior draws and their reference endpoints, from :func:`draw_pilots`)
+can be drawn once per field and reused for every solver and budget. On mixtures whose modes are
+far apart the mean squared error is dominated by the few draws near a boundary between modes that
+a coarse grid sends to the wrong mode; the tuned grid minimises exactly that (it is the square of
+the RMS error it will be judged by), so it needs enough pilots to contain such draws (thousands,
+not 64: with few, the grid is fitted to the handful it has and does not transfer).
+
+:func:`tune_method` tunes a grid for each of several solvers on the same pilots and keeps the one
+with the lowest error on pilots held back from the fitting (:func:`tune_candidates` returns them
+all).
+
 The grid is returned in the field's time variable, from ``t_max`` to ``t_min``, in float64; as a
 plain list it reloads exactly (``torch.tensor(grid.tolist(), dtype=torch.float64)``). With
 ``ds.sample(field, shape, solver=solver, steps=grid, denoise=False)`` the evaluations spent equal
@@ -36,7 +47,8 @@ from .solvers.exponential import DEIS, IPNDM, UniPC
 from .solvers.runge_kutta import Dopri5
 
 __all__ = ["Pilots", "TuningInfo", "default_candidates", "draw_pilots", "fixed_grid_nfe",
-           "recommended", "steps_for_nfe", "tune_method", "tune_schedule"]
+           "recommended", "steps_for_nfe", "tune_candidates", "tune_method",
+           "tune_schedule"]
 
 #: named schedules (of :data:`~difsolve.control.SCHEDULES`, defined in sigma) tried as starts
 START_SCHEDULES = ("karras", "logsnr", "polyexponential", "time_uniform")
@@ -253,8 +265,8 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int | Pilots = 64,
         opt.step(closure)
     grid = best[1].to(dtype)
     grid[0], grid[-1] = process.t_max, process.t_min
-    info = TuningInfo(steps=steps, nfe_reference=pilots.nfe_reference, nfe_search=nfe_search + counts[0],
-                      gradients=counts[1], start_schedule=start,
+    info = TuningInfo(steps=steps, nfe_reference=pilots.nfe_reference,
+                      nfe_search=nfe_search + counts[0], gradients=counts[1], start_schedule=start,
                       start_error=by_schedule[start], error=math.sqrt(best[0]),
                       errors_by_schedule=by_schedule)
     return (grid, info) if return_info else grid
@@ -282,6 +294,22 @@ def tune_method(field, nfe: int, *, candidates=None, pilots: int | Pilots = 1024
     Returns ``(solver, grid, info)``; ``info.errors_by_solver`` holds every candidate's RMS error
     on the held-back pilots and ``info.nfe``/``info.gradients`` the cost of all the searches.
     """
+    tried = tune_candidates(field, nfe, candidates=candidates, pilots=pilots,
+                            generator=generator, shape=shape, iterations=iterations,
+                            holdout=holdout)
+    _, solver, grid, info = min(tried, key=lambda r: r[0])  # first of equals
+    info.errors_by_solver = {repr(r[1]): r[0] for r in tried}
+    info.nfe_search = sum(r[3].nfe_search for r in tried)
+    info.gradients = sum(r[3].gradients for r in tried)
+    return solver, grid, info
+
+
+def tune_candidates(field, nfe: int, *, candidates=None, pilots: int | Pilots = 1024,
+                    generator: torch.Generator | int | None = None, shape=None,
+                    iterations: int = 60, holdout: float = 0.25
+                    ) -> list[tuple[float, Solver, torch.Tensor, TuningInfo]]:
+    """What :func:`tune_method` chooses from: ``(held-back pilot RMS error, solver, grid, info)``
+    for each candidate, in order (same arguments)."""
     candidates = tuple(default_candidates() if candidates is None else candidates)
     check(len(candidates) > 0, "candidates", "at least one solver", candidates)
     check(isinstance(holdout, (int, float)) and 0 <= holdout < 1, "holdout", "in [0, 1)",
@@ -302,13 +330,8 @@ def tune_method(field, nfe: int, *, candidates=None, pilots: int | Pilots = 1024
         info.nfe_search += spent
         error = math.sqrt(float((x - judge.target).reshape(len(judge), -1).square().sum(1)
                                 .mean()))
-        tried.append((error if math.isfinite(error) else math.inf, len(tried), solver, grid,
-                      info))
-    _, _, solver, grid, info = min(tried, key=lambda r: r[:2])
-    info.errors_by_solver = {repr(r[2]): r[0] for r in tried}
-    info.nfe_search = sum(r[4].nfe_search for r in tried)
-    info.gradients = sum(r[4].gradients for r in tried)
-    return solver, grid, info
+        tried.append((error if math.isfinite(error) else math.inf, solver, grid, info))
+    return tried
 
 
 #: the best solver and named schedule per budget, measured on the named schedules only (no
