@@ -193,3 +193,37 @@ def test_tune_method_picks_the_lowest_pilot_error():
         ds.tune_method(field, 8, candidates=(), pilots=pilots)
     with pytest.raises(ds.DifsolveError, match="holdout"):
         ds.tune_method(field, 8, pilots=pilots, holdout=1.0)
+
+
+def test_focus_is_an_unbiased_stratified_estimate():
+    from difsolve.tuning import _focus
+
+    g = torch.Generator().manual_seed(0)
+    worst = torch.rand(1000, generator=g, dtype=F64)
+    rows, weights = _focus(worst, 100)
+    assert rows.numel() == 100 and len(set(rows.tolist())) == 100
+    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-12)  # a constant is exact
+    assert set(rows[:50].tolist()) == set(torch.topk(worst, 50).indices.tolist())
+    # over random error values, the weighted sum averages to the mean over all pilots
+    values = torch.rand(4000, 1000, generator=g, dtype=F64)
+    estimates = (values[:, rows] * weights).sum(1)
+    assert abs(float(estimates.mean() - values.mean(1).mean())) < 5e-3
+    full_rows, full_weights = _focus(worst, None)
+    assert full_rows.numel() == 1000 and torch.allclose(full_weights, torch.full((1000,), 1e-3,
+                                                                                 dtype=F64))
+
+
+def test_focus_spends_the_budget_and_at_full_size_changes_nothing():
+    field = _mixture().score_field(ds.EDM())
+    pilots = ds.draw_pilots(field, 24, generator=6)
+    plain = ds.tune_schedule(field, ds.UniPC(2), 6, pilots=pilots, iterations=4)
+    assert torch.equal(plain, ds.tune_schedule(field, ds.UniPC(2), 6, pilots=pilots,
+                                               iterations=4, focus=24))
+    grid, info = ds.tune_schedule(field, ds.UniPC(2), 6, pilots=pilots, iterations=4, focus=8,
+                                  return_info=True)
+    assert grid.shape == (7,) and info.error <= info.start_error * 1.5
+    sol = ds.solve(ds.ProbabilityFlowODE(field), pilots.x, 80.0, 0.002, solver=ds.UniPC(2),
+                   steps=grid)
+    assert sol.stats.nfe == 6
+    with pytest.raises(ds.DifsolveError, match="focus"):
+        ds.tune_schedule(field, ds.UniPC(2), 6, pilots=pilots, focus=1)
