@@ -338,11 +338,13 @@ def main(argv=None) -> int:
                         "ring2d,gmm16,demo (grids are tuned on ring2d and gmm16 when present)")
     parser.add_argument("--nfe", default="", help="comma-separated budgets (default all)")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="only print the tables and figure of these --json files")
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.png or None)
+    torch.set_num_threads(args.threads)
     names = [p for p in args.problems.split(",") if p] or None
     nfes = tuple(int(n) for n in args.nfe.split(",") if n) or None
     return run(args.quick, args.png or None, names, nfes, args.json or None)
