@@ -227,3 +227,26 @@ def test_focus_spends_the_budget_and_at_full_size_changes_nothing():
     assert sol.stats.nfe == 6
     with pytest.raises(ds.DifsolveError, match="focus"):
         ds.tune_schedule(field, ds.UniPC(2), 6, pilots=pilots, focus=1)
+
+
+def test_lownfe_benchmark_keeps_pilots_and_held_out_problems_apart():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lownfe.py"
+    spec = importlib.util.spec_from_file_location("bench_lownfe_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.PILOT_SEED != bench.EVAL_SEED
+    assert not set(bench.HELD_OUT) & set(bench.DEVELOPMENT)
+    assert set(bench.HELD_OUT) | set(bench.DEVELOPMENT) == set(bench.problems())
+    # the tuned candidates are tune_method's defaults, so its reported choice is tune_method's
+    assert [repr(bench.OURS[label]()) for label in bench.TUNED] == [
+        repr(s) for s in ds.tuning.default_candidates()]
+    # pilots from the pilot seed share no draw with the evaluation draws of any problem
+    for field in bench.problems().values():
+        d = field.mixture.dim
+        pilots = ds.draw_pilots(field, 256, generator=bench.PILOT_SEED)
+        x = field.process.prior_sample((256, d), generator=torch.Generator().manual_seed(
+            bench.EVAL_SEED), dtype=F64)
+        assert not torch.isin(pilots.x[:, 0], x[:, 0]).any()
