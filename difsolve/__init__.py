@@ -53,7 +53,7 @@ from .solvers import (
     UniPC,
     annealed_langevin,
 )
-from .tuning import TuningInfo, tune_schedule
+from .tuning import Pilots, TuningInfo, draw_pilots, tune_candidates, tune_method, tune_schedule
 
 __version__ = "0.1.0"
 
@@ -101,6 +101,7 @@ __all__ = [
     "Midpoint",
     "NoiseSource",
     "PIController",
+    "Pilots",
     "Poisson",
     "PoissonField",
     "ProbabilityFlowODE",
@@ -124,11 +125,14 @@ __all__ = [
     "convergence",
     "diffusers_timesteps",
     "distributed",
+    "draw_pilots",
     "from_diffusers",
     "log_likelihood",
     "problems",
     "restart_sample",
     "sample",
     "solve",
+    "tune_candidates",
+    "tune_method",
     "tune_schedule",
 ]

@@ -11,6 +11,17 @@ so multistep histories are accounted for exactly, unlike a dynamic programme ove
 This is the "direct optimisation of the grid against reference trajectories" of Optimal Stepsize
 Distillation (Pei et al. 2025) and of Xue et al. (2024), with a global-error objective.
 
+The pilots (:class:`Pilots`: prior draws and their reference endpoints, from :func:`draw_pilots`)
+can be drawn once per field and reused for every solver and budget. On mixtures whose modes are
+far apart the mean squared error is dominated by the few draws near a boundary between modes that
+a coarse grid sends to the wrong mode; the tuned grid minimises exactly that (it is the square of
+the RMS error it will be judged by), so it needs enough pilots to contain such draws (thousands,
+not 64: with few, the grid is fitted to the handful it has and does not transfer).
+
+:func:`tune_method` tunes a grid for each of several solvers on the same pilots and keeps the one
+with the lowest error on pilots held back from the fitting (:func:`tune_candidates` returns them
+all).
+
 The grid is returned in the field's time variable, from ``t_max`` to ``t_min``, in float64; as a
 plain list it reloads exactly (``torch.tensor(grid.tolist(), dtype=torch.float64)``). With
 ``ds.sample(field, shape, solver=solver, steps=grid, denoise=False)`` the evaluations spent equal
@@ -25,17 +36,19 @@ from dataclasses import field as dc_field
 
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, check_int
+from ._errors import ArgumentTypeError, IncompatibleError, check, check_int
 from ._tensor import as_time
 from .control import PIController, make_grid
 from .dynamics import ProbabilityFlowODE
 from .fields.base import check_field
 from .integrate import solve
 from .solvers.base import Solver, StepContext
-from .solvers.exponential import DEIS, IPNDM
+from .solvers.exponential import DEIS, IPNDM, UniPC
 from .solvers.runge_kutta import Dopri5
 
-__all__ = ["TuningInfo", "fixed_grid_nfe", "recommended", "steps_for_nfe", "tune_schedule"]
+__all__ = ["Pilots", "TuningInfo", "default_candidates", "draw_pilots", "fixed_grid_nfe",
+           "recommended", "steps_for_nfe", "tune_candidates", "tune_method",
+           "tune_schedule"]
 
 #: named schedules (of :data:`~difsolve.control.SCHEDULES`, defined in sigma) tried as starts
 START_SCHEDULES = ("karras", "logsnr", "polyexponential", "time_uniform")
@@ -53,6 +66,7 @@ class TuningInfo:
     start_error: float
     error: float
     errors_by_schedule: dict[str, float] = dc_field(default_factory=dict)
+    errors_by_solver: dict[str, float] = dc_field(default_factory=dict)  # tune_method
 
     @property
     def nfe(self) -> int:
@@ -113,9 +127,87 @@ def _theta_of(grid, process):
     return torch.log(inc.clamp(min=1e-12))
 
 
-def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
+@dataclass
+class Pilots:
+    """Prior draws ``x`` (at ``t_max``) of a field and the tight reference endpoints ``target``
+    (at ``t_min``) of its probability-flow ODE from them: what :func:`tune_schedule` fits a grid
+    to. Draw them once per field with :func:`draw_pilots` and reuse them for every solver and
+    budget (the reference solves are most of the tuning cost)."""
+
+    x: torch.Tensor
+    target: torch.Tensor
+    nfe_reference: int  # batched field calls of the reference solves
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def _as_generator(generator):
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"argument `generator` must be a torch.Generator or an int, got {generator!r}")
+    return generator
+
+
+def _data_shape(field, shape):
+    if shape is None:
+        means = getattr(getattr(field, "mixture", None), "means", None)
+        if means is None:
+            raise IncompatibleError(
+                "argument `shape`: give the per-sample data shape (it is inferred only for "
+                "Gaussian-mixture fields)")
+        shape = tuple(means.shape[1:])
+    return tuple(int(s) for s in shape)
+
+
+def draw_pilots(field, n: int, *, generator: torch.Generator | int | None = None, shape=None,
+                rtol: float = 1e-8, batch: int = 8192) -> Pilots:
+    """``n`` prior draws of ``field`` and their reference endpoints: Dopri5 in data-prediction
+    (log-SNR) time with ``rtol = atol = rtol``, float64, in batches of ``batch`` draws.
+
+    Use a ``generator`` independent of the draws the tuned grid is evaluated on."""
+    check_field(field)
+    n = check_int(n, "pilots")
+    generator = _as_generator(generator)
+    shape = _data_shape(field, shape)
+    process = field.process
+    ode = ProbabilityFlowODE(field)
+    x = process.prior_sample((n, *shape), generator=generator, dtype=torch.float64)
+    targets, nfe = [], 0
+    with torch.no_grad():
+        for chunk in x.split(batch):
+            ref = solve(ode, chunk, process.t_max, process.t_min, solver=Dopri5(),
+                        controller=PIController(rtol=rtol, atol=rtol), time_variable="snr")
+            targets.append(ref.x)
+            nfe += int(ref.stats.nfe)
+    return Pilots(x, torch.cat(targets), nfe)
+
+
+def _focus(worst: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and weights of a stratified estimate of the mean of a per-pilot error over all ``n``
+    pilots from ``size`` of them: the ``size // 2`` pilots with the largest ``worst`` (their error
+    under the start schedules) each stand for themselves (weight ``1/n``), and the first
+    ``size - size // 2`` of the others (a uniform sample: the pilots are i.i.d. draws) for all the
+    others (weight ``(n - size // 2) / ((size - size // 2) n)``). Where mode flips dominate the
+    error, they come from the few pilots near a boundary between modes; this keeps every such
+    pilot a coarse grid flips, and a sample of the rest, in case the tuned grid flips others."""
+    n = worst.shape[0]
+    if size is None or size >= n:
+        return torch.arange(n), torch.full((n,), 1.0 / n, dtype=worst.dtype)
+    hard_n = size // 2
+    order = torch.argsort(worst, descending=True, stable=True)
+    hard, rest = order[:hard_n], torch.sort(order[hard_n:]).values[:size - hard_n]
+    weights = torch.cat([torch.full((hard_n,), 1.0 / n, dtype=worst.dtype),
+                         torch.full((rest.numel(),), (n - hard_n) / (rest.numel() * n),
+                                    dtype=worst.dtype)])
+    return torch.cat([hard, rest]), weights
+
+
+def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int | Pilots = 64,
                   generator: torch.Generator | int | None = None, shape=None,
-                  iterations: int = 60, return_info: bool = False):
+                  iterations: int = 60, focus: int | None = None, return_info: bool = False):
     """Time grid (``t_max`` to ``t_min``) on which ``solver`` spends exactly ``nfe`` evaluations,
     optimised on ``pilots`` reference trajectories of ``field``'s probability-flow ODE.
 
@@ -123,10 +215,15 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
         field: a score field (its process must define ``sigma`` and ``t_of_sigma``).
         solver: an ODE solver (any fixed-grid solver: DPMSolver, UniPC, DEIS, IPNDM, Heun, ...).
         nfe: the evaluation budget (the initial evaluation included; ``denoise`` excluded).
-        pilots: number of prior draws the grid is optimised on.
+        pilots: number of prior draws the grid is optimised on, or a :class:`Pilots` from
+            :func:`draw_pilots` (then ``generator`` and ``shape`` are not used).
         generator: a ``torch.Generator`` or an int seed for the pilot draws.
         shape: per-sample shape ``(...)`` of the data; inferred for Gaussian-mixture fields.
         iterations: L-BFGS iterations.
+        focus: optimise on this many of the pilots (default all): every pilot among the
+            ``focus // 2`` worst under the named start schedules, and a uniform sample of the
+            others weighted up to stand for all of them (:func:`_focus`), an unbiased estimate
+            of the mean squared error over all the pilots at a fraction of the cost.
         return_info: also return a :class:`TuningInfo` (cost in evaluations, pilot errors).
 
     Returns:
@@ -138,51 +235,47 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
     if solver.sde or solver.stochastic:
         raise IncompatibleError("argument `solver`: tune_schedule tunes ODE solvers")
     steps = steps_for_nfe(solver, nfe)
-    pilots = check_int(pilots, "pilots")
     iterations = check_int(iterations, "iterations", minimum=0)
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        generator = torch.Generator().manual_seed(generator)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(
-            f"argument `generator` must be a torch.Generator or an int, got {generator!r}")
-    if shape is None:
-        means = getattr(getattr(field, "mixture", None), "means", None)
-        if means is None:
-            raise IncompatibleError(
-                "argument `shape`: give the per-sample data shape (it is inferred only for "
-                "Gaussian-mixture fields)")
-        shape = tuple(means.shape[1:])
-    shape = tuple(int(s) for s in shape)
+    if focus is not None:
+        focus = check_int(focus, "focus", minimum=2)
+    if not isinstance(pilots, Pilots):
+        pilots = draw_pilots(field, check_int(pilots, "pilots"), generator=generator,
+                             shape=shape)
     process = field.process
     ode = ProbabilityFlowODE(field)
     solver.check_dynamics(ode)
     dtype = torch.float64
-    x_T = process.prior_sample((pilots, *shape), generator=generator, dtype=dtype)
-    with torch.no_grad():
-        ref = solve(ode, x_T, process.t_max, process.t_min, solver=Dopri5(),
-                    controller=PIController(rtol=1e-8, atol=1e-8), time_variable="snr")
-    nfe_ref = int(ref.stats.nfe)
-    target = ref.x
+    x_T, target, n = pilots.x, pilots.target, len(pilots)
 
-    def loss_of(grid):
-        x, spent = _integrate(ode, solver, x_T, grid)
-        return (x - target).reshape(pilots, -1).square().sum(1).mean(), spent
+    def per_pilot(grid, x0, ref):
+        x, spent = _integrate(ode, solver, x0, grid)
+        return (x - ref).reshape(x0.shape[0], -1).square().sum(1), spent
 
     t0 = as_time(process.t_max, x_T[:1, ..., 0].reshape(1), "t_max")
     t1 = as_time(process.t_min, x_T[:1, ..., 0].reshape(1), "t_min")
     nfe_search = 0
-    by_schedule = {}
+    by_schedule, worst = {}, torch.zeros(n, dtype=dtype)
     with torch.no_grad():
         for name in START_SCHEDULES:
             grid = make_grid(name, steps, t0, t1, process)[:, 0]
-            loss, spent = loss_of(grid)
+            errors, spent = per_pilot(grid, x_T, target)
             nfe_search += spent
-            by_schedule[name] = math.sqrt(float(loss))
+            by_schedule[name] = math.sqrt(float(errors.mean()))
+            worst = torch.maximum(worst, torch.nan_to_num(errors, nan=math.inf))
+    rows, weights = _focus(worst, focus)
+
+    def loss_of(grid):
+        errors, spent = per_pilot(grid, x_T[rows], target[rows])
+        return (errors * weights).sum(), spent
+
     start = min(by_schedule, key=by_schedule.get)
     start_grid = make_grid(start, steps, t0, t1, process)[:, 0]
     u0, u1 = torch.log(process.sigma(t0[0])), torch.log(process.sigma(t1[0]))
     theta = _theta_of(start_grid, process).clone().requires_grad_(True)
-    best = [by_schedule[start] ** 2, start_grid.detach().clone()]
+    with torch.no_grad():
+        start_loss, spent = loss_of(start_grid)
+    nfe_search += spent
+    best = [float(start_loss), start_grid.detach().clone()]
     counts = [0, 0]
     if steps > 1 and iterations > 0:
         opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iterations, history_size=20,
@@ -208,11 +301,76 @@ def tune_schedule(field, solver: Solver, nfe: int, *, pilots: int = 64,
         opt.step(closure)
     grid = best[1].to(dtype)
     grid[0], grid[-1] = process.t_max, process.t_min
-    info = TuningInfo(steps=steps, nfe_reference=nfe_ref, nfe_search=nfe_search + counts[0],
-                      gradients=counts[1], start_schedule=start,
+    info = TuningInfo(steps=steps, nfe_reference=pilots.nfe_reference,
+                      nfe_search=nfe_search + counts[0], gradients=counts[1], start_schedule=start,
                       start_error=by_schedule[start], error=math.sqrt(best[0]),
                       errors_by_schedule=by_schedule)
     return (grid, info) if return_info else grid
+
+
+def default_candidates() -> tuple[Solver, ...]:
+    """The solvers :func:`tune_method` chooses among by default (one evaluation per step each):
+    the ones whose tuned grids were best somewhere in docs/low-nfe.md's development problems."""
+    return (UniPC(2, "bh2"), UniPC(3, "bh2"), IPNDM(4))
+
+
+def tune_method(field, nfe: int, *, candidates=None, pilots: int | Pilots = 16384,
+                generator: torch.Generator | int | None = None, shape=None,
+                iterations: int = 40, holdout: float = 0.25, focus: int | None = 4096
+                ) -> tuple[Solver, torch.Tensor, TuningInfo]:
+    """The solver of ``candidates`` (default :func:`default_candidates`) and its tuned grid with
+    the lowest pilot error at a budget of ``nfe`` evaluations, chosen on the pilots alone (never
+    on evaluation draws).
+
+    Each candidate's grid is tuned (:func:`tune_schedule`) on the first ``1 - holdout`` of the
+    pilots and the candidates are compared on the other ``holdout``: a grid fitted to a few
+    pilots near a boundary between modes can look better on its own pilots than it is, and more
+    so for some solvers than others. ``holdout=0`` compares them on the pilots they were tuned on.
+    The defaults (16384 pilots, a focus of 4096, 40 L-BFGS iterations) are the recipe measured in
+    docs/low-nfe.md; for an expensive network field, fewer pilots (the reference solves cost
+    several hundred evaluations of each) and ``focus=None``.
+
+    Returns ``(solver, grid, info)``; ``info.errors_by_solver`` holds every candidate's RMS error
+    on the held-back pilots and ``info.nfe``/``info.gradients`` the cost of all the searches.
+    """
+    tried = tune_candidates(field, nfe, candidates=candidates, pilots=pilots,
+                            generator=generator, shape=shape, iterations=iterations,
+                            holdout=holdout, focus=focus)
+    _, solver, grid, info = min(tried, key=lambda r: r[0])  # first of equals
+    info.errors_by_solver = {repr(r[1]): r[0] for r in tried}
+    info.nfe_search = sum(r[3].nfe_search for r in tried)
+    info.gradients = sum(r[3].gradients for r in tried)
+    return solver, grid, info
+
+
+def tune_candidates(field, nfe: int, *, candidates=None, pilots: int | Pilots = 16384,
+                    generator: torch.Generator | int | None = None, shape=None,
+                    iterations: int = 40, holdout: float = 0.25, focus: int | None = 4096
+                    ) -> list[tuple[float, Solver, torch.Tensor, TuningInfo]]:
+    """What :func:`tune_method` chooses from: ``(held-back pilot RMS error, solver, grid, info)``
+    for each candidate, in order (same arguments)."""
+    candidates = tuple(default_candidates() if candidates is None else candidates)
+    check(len(candidates) > 0, "candidates", "at least one solver", candidates)
+    check(isinstance(holdout, (int, float)) and 0 <= holdout < 1, "holdout", "in [0, 1)",
+          holdout)
+    if not isinstance(pilots, Pilots):
+        pilots = draw_pilots(field, check_int(pilots, "pilots"), generator=generator,
+                             shape=shape)
+    cut = round(holdout * len(pilots))
+    fit = Pilots(pilots.x[cut:], pilots.target[cut:], pilots.nfe_reference) if cut else pilots
+    judge = Pilots(pilots.x[:cut], pilots.target[:cut], 0) if cut else pilots
+    ode = ProbabilityFlowODE(field)
+    tried = []
+    for solver in candidates:
+        grid, info = tune_schedule(field, solver, nfe, pilots=fit, iterations=iterations,
+                                   focus=focus, return_info=True)
+        with torch.no_grad():
+            x, spent = _integrate(ode, solver, judge.x, grid)
+        info.nfe_search += spent
+        error = math.sqrt(float((x - judge.target).reshape(len(judge), -1).square().sum(1)
+                                .mean()))
+        tried.append((error if math.isfinite(error) else math.inf, solver, grid, info))
+    return tried
 
 
 #: the best solver and named schedule per budget, measured on the named schedules only (no
