@@ -23,6 +23,7 @@ increments are kept and retried steps sample them through the Brownian bridge) a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from ._errors import ArgumentTypeError, check, check_int
-from ._tensor import bcast
+from ._tensor import bcast, host_reads_free
 
 __all__ = [
     "BridgedNoise",
@@ -65,6 +66,11 @@ class GeneratorStream:
     def randn(self, like: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.generator, device=like.device,
                            dtype=like.dtype)
+
+    def normal(self, like: torch.Tensor, std: float) -> torch.Tensor:
+        """``std`` times :meth:`randn` (the same draws), scaled inside the sampler."""
+        out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
+        return out.normal_(0.0, std, generator=self.generator)
 
     def rand_bits(self, shape, device, rows: torch.Tensor | None = None) -> torch.Tensor:
         return torch.randint(0, 2, shape, generator=self.generator, device=device)
@@ -220,7 +226,11 @@ class FreshNoise:
         return ()
 
     def propose(self, state, x, t, h, rows=None):
-        return bcast(h, x).abs().sqrt() * self.stream.randn(x, rows), None
+        step = bcast(h, x)
+        if step.ndim == 0 and type(self.stream) is GeneratorStream and host_reads_free(step):
+            # a step shared by the batch, read on the host for free: scaled inside the sampler
+            return self.stream.normal(x, math.sqrt(abs(step.item()))), None
+        return step.abs().sqrt() * self.stream.randn(x, rows), None
 
     def commit(self, state, proposal, accept) -> State:
         return state

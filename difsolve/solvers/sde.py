@@ -38,9 +38,17 @@ class EulerMaruyama(Solver):
     sde = True
     noise_types = ("additive", "diagonal")
 
+    def prepare(self, dynamics, grid):
+        """Additive noise on a grid shared by the batch: ``g`` at every grid time, in one call."""
+        if getattr(dynamics, "noise", "additive") != "additive":
+            return None
+        g = dynamics.diffusion(grid)
+        return g if g.ndim == 1 and g.shape[0] == grid.shape[0] else None
+
     def step(self, dynamics, x, t, h, state, dw, ctx):
         x_new = torch.addcmul(x, bcast(h, x), dynamics.drift(x, t))
-        return Step(torch.addcmul(x_new, diffusion_term(dynamics, x, t), dw), None, (), 1)
+        g = ctx.plan[ctx.index] if ctx.plan is not None else diffusion_term(dynamics, x, t)
+        return Step(torch.addcmul(x_new, g, dw), None, (), 1)
 
 
 class StochasticHeun(Solver):
