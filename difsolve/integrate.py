@@ -386,36 +386,42 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
     state, nfe = solver.init(dynamics, x, u_cols[0], ctx)
     nstate = noise.init(x, None) if noise is not None else ()
     good = _LastGood.start(x, t_cols[0])
-    iterator = range(n)
+    bar = None
     if problem.progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="solve", unit="step")
+        bar = tqdm(total=n, desc="solve", unit="step")
     us, hs = u_cols.unbind(0), h_cols.unbind(0)  # views made once, not indexed per step
-    for i in iterator:
-        u, h = us[i], hs[i]
-        if corrector is not None:
-            x_t = x if warp is None else warp.decode(x, t_cols[i])
-            x_t, c_nfe = corrector.correct(outer, x_t, t_cols[i], problem.stream)
-            x = x_t if warp is None else warp.encode(x_t, t_cols[i])
-            nfe += c_nfe
-        dw = None
-        if noise is not None:
-            dw, proposal = noise.propose(nstate, x, u, h, None)
-            nstate = noise.commit(nstate, proposal, None)
-        ctx.index = i
-        step = solver.step(dynamics, x, u, h, state, dw, ctx)
-        nfe += step.nfe
-        x, state = step.x, step.state
-        if x.dtype != x0.dtype:
-            x = x.to(x0.dtype)
-        if (i + 1) % CHECK_EVERY == 0 or i + 1 == n:
-            good = good.update(x, t_cols[i + 1], i + 1)
-        if i + 1 in save_idx:
-            xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
-        if callback is not None:
-            x_t = x if warp is None else warp.decode(x, t_cols[i + 1])
-            callback(_info(i + 1, t_cols[i + 1], x_t, solver.denoised(state)))
+    plain = corrector is None and noise is None and not save_idx and callback is None
+    for block in range(0, n, CHECK_EVERY):  # the rows are checked after every block
+        stop = min(block + CHECK_EVERY, n)
+        if plain:  # nothing but the steps
+            x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, block, stop, x0.dtype)
+            nfe += k
+        else:
+            for i in range(block, stop):
+                if corrector is not None:
+                    x_t = x if warp is None else warp.decode(x, t_cols[i])
+                    x_t, c_nfe = corrector.correct(outer, x_t, t_cols[i], problem.stream)
+                    x = x_t if warp is None else warp.encode(x_t, t_cols[i])
+                    nfe += c_nfe
+                dw = None
+                if noise is not None:
+                    dw, proposal = noise.propose(nstate, x, us[i], hs[i], None)
+                    nstate = noise.commit(nstate, proposal, None)
+                x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, i, i + 1,
+                                     x0.dtype, dw)
+                nfe += k
+                if i + 1 in save_idx:
+                    xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
+                if callback is not None:
+                    x_t = x if warp is None else warp.decode(x, t_cols[i + 1])
+                    callback(_info(i + 1, t_cols[i + 1], x_t, solver.denoised(state)))
+        good = good.update(x, t_cols[stop], stop)
+        if bar is not None:
+            bar.update(stop - block)
+    if bar is not None:
+        bar.close()
     if warp is not None:
         x = warp.decode(x, t_cols[n])
         good = good.decoded(warp)
@@ -429,6 +435,20 @@ def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
         saved = torch.where(bcast(good.alive, saved[0])[None], saved, math.nan)
     return _finish(Solution(x=x, t=t_cols[n].clone(), stats=stats, status=status,
                             ts=problem.save_t, xs=saved, last_x=good.x, last_t=good.t.contiguous()))
+
+
+def _steps(solver, dynamics, x, state, us, hs, ctx, start: int, stop: int, dtype,
+           dw=None) -> tuple[torch.Tensor, tuple, int]:
+    """Steps ``start .. stop - 1`` of a fixed grid (``dw``: the increment of a single step), the
+    state kept in ``dtype``; returns the state, the solver state and the evaluations spent."""
+    nfe = 0
+    for i in range(start, stop):
+        ctx.index = i
+        step = solver.step(dynamics, x, us[i], hs[i], state, dw, ctx)
+        x, state, nfe = step.x, step.state, nfe + step.nfe
+        if x.dtype != dtype:
+            x = x.to(dtype)
+    return x, state, nfe
 
 
 @dataclass
