@@ -102,19 +102,15 @@ def kernel_moments(h: torch.Tensor, k: int, form: str = "data") -> torch.Tensor:
     """
     if form == "noise":
         h = -h
-    small = h.abs() <= _SERIES_BELOW
-    # on the CPU a flag read on the host costs nothing: skip the branch no row needs
-    every_small = host_reads_free(h) and bool(small.all())
-    hs = h if every_small else torch.where(small, h, 0.0)
-    nodes, basis = _quadrature_rule(k, h.dtype, h.device)  # (Q, 1): s_q - 1; (k, Q, 1)
-    moments = (basis * torch.exp(nodes * hs)).sum(1) * hs.expand(k, -1).cumprod(0)
-    if not every_small:
-        hl = torch.where(small, 1.0, h)
+
+    def far(hl):  # M_0 = 1 - e^{-h}, M_m = h^m - m M_{m-1}
         powers = hl.expand(k, -1).cumprod(0)  # h, h^2, ...
-        far = [-torch.expm1(-hl)]
+        out = [-torch.expm1(-hl)]
         for m in range(1, k):
-            far.append(powers[m - 1] - m * far[-1])
-        moments = torch.where(small, moments, torch.stack(far))
+            out.append(powers[m - 1] - m * out[-1])
+        return out
+
+    moments = _two_branch_moments(h, k, lambda hs: hs.expand(k, -1).cumprod(0), far)
     if form == "noise":
         sign = torch.tensor([(-1.0) ** (m + 1) for m in range(k)], dtype=h.dtype,
                             device=h.device)
@@ -127,17 +123,27 @@ def unit_moments(h: torch.Tensor, k: int) -> torch.Tensor:
     the step; ``m_j(0) = 0``), moment-major ``(k, B)``: by the quadrature of
     :func:`kernel_moments` for ``|h| <= 2`` (``h int_0^1 e^{-h(1-s)} s^j ds``), else the stable
     recurrence ``m_0 = 1 - e^{-h}``, ``m_j = 1 - j m_{j-1} / h``."""
+
+    def far(hl):
+        out = [-torch.expm1(-hl)]
+        for j in range(1, k):
+            out.append(1.0 - j * out[-1] / hl)
+        return out
+
+    return _two_branch_moments(h, k, lambda hs: hs, far)
+
+
+def _two_branch_moments(h: torch.Tensor, k: int, near_scale, far) -> torch.Tensor:
+    """``near_scale(h) int_0^1 e^{-h(1-s)} s^m ds`` (``m < k``) by the Gauss-Legendre rule where
+    ``|h| <= 2``, ``far(h)`` (a list of ``k`` rows) elsewhere: ``(k, B)``. On the CPU (a flag read
+    on the host costs nothing) the branch no row needs is skipped."""
     small = h.abs() <= _SERIES_BELOW
     every_small = host_reads_free(h) and bool(small.all())
     hs = h if every_small else torch.where(small, h, 0.0)
-    nodes, basis = _quadrature_rule(k, h.dtype, h.device)
-    moments = (basis * torch.exp(nodes * hs)).sum(1) * hs
+    nodes, basis = _quadrature_rule(k, h.dtype, h.device)  # (Q, 1): s_q - 1; (k, Q, 1)
+    moments = (basis * torch.exp(nodes * hs)).sum(1) * near_scale(hs)
     if not every_small:
-        hl = torch.where(small, 1.0, h)
-        far = [-torch.expm1(-hl)]
-        for j in range(1, k):
-            far.append(1.0 - j * far[-1] / hl)
-        moments = torch.where(small, moments, torch.stack(far))
+        moments = torch.where(small, moments, torch.stack(far(torch.where(small, 1.0, h))))
     return moments
 
 
@@ -164,9 +170,7 @@ def lagrange_weights(nodes: list, moments: torch.Tensor) -> torch.Tensor:
     Closed form, no linear solve: the coefficients of ``prod_{i != j} (v - v_i)`` by synthetic
     division of ``prod_i (v - v_i)`` by ``v - v_j``, divided by ``prod_{i != j} (v_j - v_i)``.
     """
-    one = torch.ones_like(moments[:, 0])
-    v = torch.stack([n * one for n in nodes])  # (k, B)
-    return masked_weights(v, torch.ones_like(v, dtype=torch.bool), moments.T).T
+    return _weights_of(nodes, moments.T).T
 
 
 def masked_lagrange_weights(nodes: torch.Tensor, used: torch.Tensor,
@@ -243,6 +247,16 @@ def marginal_log_snr(process, t: torch.Tensor):
     """``(a, b, lambda = log a - log b)`` of ``process`` at ``t``."""
     a, b = process.marginal(t)
     return a, b, torch.log(a) - torch.log(b)
+
+
+def check_data_prediction(dynamics, solver, kind: str) -> None:
+    """Refuse dynamics without a data prediction (``denoise(x, t)``) and a ``process``, which the
+    exponential integrators need (``kind`` names what to pass instead)."""
+    inner = getattr(dynamics, "inner", dynamics)
+    if not callable(getattr(inner, "denoise", None)) or not hasattr(inner, "process"):
+        raise IncompatibleError(
+            f"argument `solver`: {type(solver).__name__} needs {kind} (dynamics with "
+            "`denoise(x, t)` and a `process`)")
 
 
 def unwrap_flow(dynamics):
@@ -333,26 +347,20 @@ class Multistep(Solver):
         the exact kernel moments, at least ``k`` of them). Overriding it (as iPNDM does) makes
         the per-row path compute each order separately."""
         m = self.predictor_moments(moments[:k], h, k)
-        nodes = torch.stack([torch.zeros_like(h), *past[:k - 1]])
-        return masked_weights(nodes, torch.ones_like(nodes, dtype=torch.bool), m)
+        return _weights_of([torch.zeros_like(h), *past[:k - 1]], m)
 
     def corrector_weights(self, h: torch.Tensor, past: list[torch.Tensor], k: int,
                           moments: torch.Tensor) -> torch.Tensor:
         """Weights ``(k + 1, B)`` of ``F_new, F_0, F_1, ...`` (UniC with ``k + 1`` nodes)."""
         m = self.corrector_moments(moments[:k + 1], h, k)
         node = torch.where(h == 0, torch.ones_like(h), h)  # h = 0: zero moments, zero weights
-        nodes = torch.stack([node, torch.zeros_like(h), *past[:k - 1]])
-        return masked_weights(nodes, torch.ones_like(nodes, dtype=torch.bool), m)
+        return _weights_of([node, torch.zeros_like(h), *past[:k - 1]], m)
 
     # ----- the shared machinery ---------------------------------------------------------------
 
     def check_dynamics(self, dynamics) -> None:
         super().check_dynamics(dynamics)
-        inner = getattr(dynamics, "inner", dynamics)
-        if not callable(getattr(inner, "denoise", None)) or not hasattr(inner, "process"):
-            raise IncompatibleError(
-                f"argument `solver`: {type(self).__name__} needs a ProbabilityFlowODE (dynamics "
-                "with `denoise(x, t)` and a `process`)")
+        check_data_prediction(dynamics, self, "a ProbabilityFlowODE")
 
     def first_step(self, dynamics, t, span):
         """In ``log sigma`` time: ``min(1, span)`` (a factor ``e`` in sigma). Sampling starts

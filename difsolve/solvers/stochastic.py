@@ -46,7 +46,6 @@ import torch
 
 from .._errors import (
     ArgumentTypeError,
-    IncompatibleError,
     check,
     check_choice,
     check_int,
@@ -54,15 +53,15 @@ from .._errors import (
 )
 from .._tensor import bcast
 from .base import Solver, Step
-from .exponential import marginal_log_snr, masked_weights, unit_moments, unwrap_flow
+from .exponential import (
+    check_data_prediction,
+    marginal_log_snr,
+    masked_weights,
+    unit_moments,
+    unwrap_flow,
+)
 
 __all__ = ["DDIM", "DPMSolverSDE", "EulerAncestral", "SASolver"]
-
-def exp_moments(H: torch.Tensor, k: int) -> torch.Tensor:
-    """``m_j(H) = int_0^H e^{-(H-w)} (w/H)^j dw`` for ``j < k``, shape ``(B, k)`` (``m_j(0) = 0``;
-    pass float64): :func:`~difsolve.solvers.exponential.unit_moments`, batch first."""
-    return unit_moments(H, k).T
-
 
 def _standard_normal(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``dw / sqrt|h|``: the increment over the step as standard normals (0 where ``h = 0``)."""
@@ -83,11 +82,7 @@ class _DataPredictionSDE(Solver):
 
     def check_dynamics(self, dynamics) -> None:
         super().check_dynamics(dynamics)
-        inner = getattr(dynamics, "inner", dynamics)
-        if not callable(getattr(inner, "denoise", None)) or not hasattr(inner, "process"):
-            raise IncompatibleError(
-                f"argument `solver`: {type(self).__name__} needs a ReverseSDE of a score field "
-                "(dynamics with `denoise(x, t)` and a `process`)")
+        check_data_prediction(dynamics, self, "a ReverseSDE of a score field")
 
 
 def _check_eta(eta: float, name: str = "eta") -> float:
