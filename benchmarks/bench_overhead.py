@@ -51,10 +51,6 @@ class LinearSDE(Linear):
         return torch.ones_like(t)
 
 
-def best_of(fn, repeats: int) -> float:
-    return race({"fn": fn}, repeats)["fn"]
-
-
 def race(fns: dict, repeats: int) -> dict[str, float]:
     """Best time of each callable over ``repeats`` interleaved rounds (every contender runs once
     per round, so a change in the machine's load affects all of them alike). The time is the

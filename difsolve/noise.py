@@ -64,11 +64,11 @@ class GeneratorStream:
         self.generator = generator
 
     def randn(self, like: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, device=like.device,
-                           dtype=like.dtype)
+        return self.normal(like, 1.0)
 
     def normal(self, like: torch.Tensor, std: float) -> torch.Tensor:
-        """``std`` times :meth:`randn` (the same draws), scaled inside the sampler."""
+        """``like``-shaped normals of standard deviation ``std`` (``std`` times :meth:`randn`'s
+        draws), scaled inside the sampler."""
         out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
         return out.normal_(0.0, std, generator=self.generator)
 
