@@ -657,7 +657,7 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     step = solver.step(dynamics, s.x, s.t, h_try, s.solver, dw, ctx)
     x_new = step.x if step.x.dtype == s.x.dtype else step.x.to(s.x.dtype)
     # (a NaN error estimate is a fault, not a reason to shrink h)
-    finite = all_finite(x_new) if step.error is None else all_finite(x_new, step.error)
+    finite = _finite_rows(x_new, step.error)
     t_new = torch.where(landing, target, s.t + h_try)
     decision = controller.adapt(s.controller, Proposal(
         x=s.x, x_new=x_new, error=step.error, h_proposed=s.h, h_tried=h_try, t_new=t_new,
@@ -702,8 +702,20 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
                     direction=s.direction, next_stop=next_stop, solver=solver_state,
                     controller=tuple(decision.state), noise=noise_state, cond=s.cond, steps=steps,
                     accepted=accepted, rejected=rejected, nfe=nfe,
-                    status=torch.where(finished, code, s.status), done=s.done | finished)
+                    status=torch.where(finished, code, s.status), done=s.done | finished,
+                    slack=s.slack)
     return new, step.nfe
+
+
+def _finite_rows(x: torch.Tensor, error: torch.Tensor | None) -> torch.Tensor:
+    """Per-row finiteness of a proposal (and its error estimate). On the CPU a finite sum,
+    read on the host for free, clears every row at once; otherwise (or where the sum is not
+    finite, e.g. an overflow of finite values) each row is tested exactly."""
+    if host_reads_free(x):
+        total = x.sum() if error is None else x.sum() + error.sum()
+        if math.isfinite(total.item()):
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return all_finite(x) if error is None else all_finite(x, error)
 
 
 def _landing_slack(t0: torch.Tensor, t1: torch.Tensor, stops) -> torch.Tensor:

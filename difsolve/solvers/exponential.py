@@ -215,12 +215,14 @@ def _basis_integrals(nodes: torch.Tensor, used: torch.Tensor, moment_sets: list,
     return numerators, derivative, poly
 
 
-def _product_poly(nodes: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """Coefficients (low to high) of ``prod_{i used} (v - v_i)``: ``(k + 1, B)``."""
-    zero = torch.zeros_like(nodes[:1])
+def _product_poly(nodes: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """Coefficients (low to high) of ``prod_{i used} (v - v_i)`` (``used`` None: every node):
+    ``(k + 1, B)``."""
+    zero = nodes.new_zeros((1, nodes.shape[1]))
     poly = torch.cat([torch.ones_like(zero), zero.expand(nodes.shape[0], -1)])
     for i in range(nodes.shape[0]):
-        poly = torch.where(used[i], _times_linear(poly, nodes[i], zero), poly)
+        times = _times_linear(poly, nodes[i], zero)
+        poly = times if used is None else torch.where(used[i], times, poly)
     return poly
 
 
@@ -465,27 +467,42 @@ class Multistep(Solver):
         """Predictor ``(p, B)`` and corrector ``(p + 1, B)`` (or None) weights of each row's
         order ``order_now`` (at most ``cap``), zero-padded: one masked Lagrange construction for
         all rows of every order, the corrector's systems (nodes ``h``, then the predictor's)
-        stacked beside the predictor's along the batch."""
+        stacked beside the predictor's along the batch. Where every row has the full order
+        (known on the CPU from a free host read) the masks are left out."""
         if self._custom_weights():
             return self._weights_by_order(hh, past, order_now, cap)
         p = self.predictor_order
         moments = self.moments(hh, p + 1 if self.corrector else p)
-        nodes = torch.stack([torch.zeros_like(hh), *past])  # (p, B)
-        used = torch.arange(p, device=hh.device)[:, None] < order_now
-        m_pred = self._moments_by_order(self.predictor_moments, moments[:p], hh, order_now, cap)
+        full = cap == p and host_reads_free(order_now) and bool((order_now >= p).all())
+        used = None if full else torch.arange(p, device=hh.device)[:, None] < order_now
+        past = torch.stack(past) if past else hh[:0, None].expand(0, hh.shape[0])
+        nodes = torch.cat([torch.zeros_like(hh)[None], past])  # (p, B)
+        # P(v) = v prod_{i >= 1} (v - v_i): the node 0 is a shift of the coefficients
+        poly = torch.cat([torch.zeros_like(hh)[None],
+                          _product_poly(past, None if used is None else used[1:])])
+
+        def masked(value, fill):
+            return value if used is None else torch.where(used, value, fill)
+
+        def by_order(rule, m):
+            if used is None:
+                return rule(m, hh, p)
+            return self._moments_by_order(rule, m, hh, order_now, cap)
+
+        m_pred = by_order(self.predictor_moments, moments[:p])
         if not self.corrector:
-            return masked_weights(nodes, used, m_pred), None
-        m_corr = self._moments_by_order(self.corrector_moments, moments, hh, order_now, cap)
+            (n_pred,), derivative, _ = _basis_integrals(nodes, used, [m_pred], poly)
+            return masked(n_pred / masked(derivative, 1.0), 0.0), None
+        m_corr = by_order(self.corrector_moments, moments)
         # the corrector's nodes are h and the predictor's: L^c_j = L_j (v - h) / (v_j - h) and
         # L^c_h = P(v) / P(h), so its weights come from the same pass with shifted moments
         (n_pred, n_corr, n_shift), derivative, poly = _basis_integrals(
-            nodes, used, [m_pred, m_corr, m_corr[1:]])
-        safe = torch.where(used, derivative, 1.0)
+            nodes, used, [m_pred, m_corr, m_corr[1:]], poly)
+        safe = masked(derivative, 1.0)
         node = torch.where(hh == 0, 1.0, hh)  # h = 0: zero moments, zero weights
-        pred = torch.where(used, n_pred / safe, 0.0)
-        corr = torch.where(used, torch.addcmul(n_shift, n_corr, -node) / (safe * (nodes - node)),
-                           0.0)
-        at_h = (poly * m_corr).sum(0) / torch.where(used, node - nodes, 1.0).prod(0)
+        pred = masked(n_pred / safe, 0.0)
+        corr = masked(torch.addcmul(n_shift, n_corr, -node) / (safe * (nodes - node)), 0.0)
+        at_h = (poly * m_corr).sum(0) / masked(node - nodes, 1.0).prod(0)
         return pred, torch.cat([at_h[None], corr])
 
     @staticmethod
