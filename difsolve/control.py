@@ -119,6 +119,8 @@ class Proposal:
 
     ``h_tried`` is the signed step attempted (the controller's proposal ``h_proposed`` shortened
     to land on a save point or the end); ``left`` the distance still to go after an accepted step.
+    ``every_finite`` is True where the loop knows, without a host synchronisation, that every row
+    of ``finite`` is true (on the CPU): a controller may then skip its non-finite handling.
     """
 
     x: torch.Tensor
@@ -130,6 +132,7 @@ class Proposal:
     left: torch.Tensor
     finite: torch.Tensor
     error_order: float
+    every_finite: bool = False
 
 
 @dataclass
@@ -237,7 +240,8 @@ class PIController:
         prev_ratio, streak, last_bad = state
         p = proposal
         ratio = self.error_ratio(p.error, p.x, p.x_new)
-        ratio = torch.where(p.finite, ratio, math.inf)
+        if not p.every_finite:
+            ratio = torch.where(p.finite, ratio, math.inf)
         accept = ratio <= 1.0
         # a tolerance below one rounding unit of the state cannot be met by shrinking the step
         # (the error estimate is then rounding noise, now and then exactly 0): fail on rejection
@@ -246,10 +250,13 @@ class PIController:
         # resume the size before a shortened landing step (both steps point the same way)
         cut = accept & (p.h_proposed.abs() > p.h_tried.abs())
         h_next = self.clip(torch.where(cut, p.h_proposed, p.h_tried * fac))
-        streak = torch.where(p.finite, 0, streak + 1)
         # was the latest rejection caused by non-finite values? (then a collapsing step is a
         # NONFINITE fault: the row is creeping up to where the dynamics break down)
-        last_bad = torch.where(accept, last_bad, ~p.finite)
+        if p.every_finite:
+            streak, last_bad = torch.zeros_like(streak), last_bad & accept
+        else:
+            streak = torch.where(p.finite, 0, streak + 1)
+            last_bad = torch.where(accept, last_bad, ~p.finite)
         tiny = 8 * torch.finfo(p.t_new.dtype).eps
         h_abs = h_next.abs()
         floor = tiny * p.t_new.abs().clamp(min=1.0)
@@ -258,13 +265,15 @@ class PIController:
         too_small = (h_abs < floor) & (h_abs < p.left)
         if unresolvable is not False:
             too_small = too_small | (unresolvable & ~accept)
-        retries_out = streak >= NONFINITE_RETRIES
-        if host_reads_free(too_small) and not bool((too_small | retries_out).any()):
+        retries_out = None if p.every_finite else streak >= NONFINITE_RETRIES
+        out = too_small if retries_out is None else too_small | retries_out
+        if host_reads_free(too_small) and not bool(out.any()):
             fault = torch.full_like(streak, _NO_FAULT)  # (on the CPU, the common case at once)
         else:
             fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
                                                        Status.DT_UNDERFLOW.value), _NO_FAULT)
-            fault = torch.where(retries_out, Status.NONFINITE.value, fault)
+            if retries_out is not None:
+                fault = torch.where(retries_out, Status.NONFINITE.value, fault)
         return Decision(accept=accept, h=h_next, state=(torch.where(accept, ratio, prev_ratio),
                                                          streak, last_bad), fault=fault)
 

@@ -648,8 +648,9 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     slack = s.slack
     if slack is None:
         slack = 64 * torch.finfo(s.t.dtype).eps * torch.maximum(target.abs(), s.t.abs())
-    landing = s.h.abs() >= remaining - slack
-    h_try = s.direction * torch.minimum(s.h.abs(), remaining)
+    h_abs = s.h.abs()
+    landing = h_abs >= remaining - slack
+    h_try = s.direction * torch.minimum(h_abs, remaining)
     dw = proposal = None
     if noise is not None:
         dw, proposal = noise.propose(s.noise, s.x, s.t, h_try, s.rows)
@@ -657,11 +658,12 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     step = solver.step(dynamics, s.x, s.t, h_try, s.solver, dw, ctx)
     x_new = step.x if step.x.dtype == s.x.dtype else step.x.to(s.x.dtype)
     # (a NaN error estimate is a fault, not a reason to shrink h)
-    finite = _finite_rows(x_new, step.error)
+    finite, every_finite = _finite_rows(x_new, step.error)
     t_new = torch.where(landing, target, s.t + h_try)
     decision = controller.adapt(s.controller, Proposal(
         x=s.x, x_new=x_new, error=step.error, h_proposed=s.h, h_tried=h_try, t_new=t_new,
-        left=(s.end - t_new).abs(), finite=finite, error_order=solver.error_order))
+        left=(s.end - t_new).abs(), finite=finite, error_order=solver.error_order,
+        every_finite=every_finite))
     live = ~s.done
     accept = decision.accept & finite & live
     x, t = where_rows(accept, (x_new, t_new), (s.x, s.t))
@@ -671,7 +673,7 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     noise_state = noise.commit(s.noise, proposal, accept) if noise is not None else s.noise
     steps = s.steps + live
     accepted = s.accepted + accept
-    rejected = s.rejected + (live & ~accept)
+    rejected = steps - accepted  # (every attempt of a live row is accepted or rejected)
     nfe = torch.add(s.nfe, live, alpha=step.nfe)
     arrived = accept & landing
     next_stop = s.next_stop
@@ -707,15 +709,16 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     return new, step.nfe
 
 
-def _finite_rows(x: torch.Tensor, error: torch.Tensor | None) -> torch.Tensor:
-    """Per-row finiteness of a proposal (and its error estimate). On the CPU a finite sum,
-    read on the host for free, clears every row at once; otherwise (or where the sum is not
-    finite, e.g. an overflow of finite values) each row is tested exactly."""
+def _finite_rows(x: torch.Tensor, error: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """Per-row finiteness of a proposal (and its error estimate), and whether every row is known
+    finite. On the CPU a finite sum, read on the host for free, clears every row at once;
+    otherwise (or where the sum is not finite, e.g. an overflow of finite values) each row is
+    tested exactly."""
     if host_reads_free(x):
         total = x.sum() if error is None else x.sum() + error.sum()
         if math.isfinite(total.item()):
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    return all_finite(x) if error is None else all_finite(x, error)
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device), True
+    return (all_finite(x) if error is None else all_finite(x, error)), False
 
 
 def _landing_slack(t0: torch.Tensor, t1: torch.Tensor, stops) -> torch.Tensor:

@@ -399,6 +399,7 @@ class Multistep(Solver):
         process, denoise, to_t = unwrap_flow(dynamics)
         t = to_t(t)
         a, b, lam = marginal_log_snr(process, t)
+        lam = lam.to(_weight_dtype(x))
         f0 = self._field_value(denoise(x, t), x, a, b)
         m = self.predictor_order - 1
         return (f0, lam, *([torch.zeros_like(x)] * m), *([torch.zeros_like(lam)] * m),
@@ -424,8 +425,8 @@ class Multistep(Solver):
         t_next = to_t(t + h)
         a_s, b_s = process.marginal(to_t(t))
         a_t, b_t, lam_t = marginal_log_snr(process, t_next)
-        wd = _weight_dtype(x)
-        hh = (lam_t - lam_s).to(wd)
+        lam_t = lam_t.to(lam_s.dtype)  # (the log-SNRs are kept in the weights' dtype)
+        hh = lam_t - lam_s
         fixed = ctx.n_steps is not None
         last = fixed and ctx.index == ctx.n_steps - 1
         scale_x, scale_f = self._coefs(a_s, b_s, a_t, b_t)
@@ -441,8 +442,7 @@ class Multistep(Solver):
                 -1, x.shape[0])
             scale_x, scale_f = plan.scale_x[i], plan.scale_f[i]
         else:
-            lam_w = lam_s.to(wd)
-            past = [lam.to(wd) - lam_w for lam in lam_hist]  # (unused where there is no history)
+            past = [lam - lam_s for lam in lam_hist]  # (unused where there is no history)
             cap = p
             if self.lower_order_final and fixed:
                 cap = max(1, min(p, ctx.n_steps - ctx.index))
@@ -588,7 +588,7 @@ class Multistep(Solver):
         hn = torch.where(hh == 0, torch.ones_like(hh), hh)  # node spacing (h = 0: zero weights)
         for c, nodes in zip(fracs[1:], node_sets[:-1]):
             lam_c = lam_s + c * (lam_t - lam_s)
-            t_c = process.t_of_sigma(torch.exp(-lam_c))
+            t_c = process.t_of_sigma(torch.exp(-lam_c.to(t_next.dtype)))
             a_c, b_c, _ = marginal_log_snr(process, t_c)
             w = _weights_of([fracs[i] * hn for i in nodes], self.moments(c * hh, len(nodes)))
             sx, sf = self._coefs(a_s, b_s, a_c, b_c)
