@@ -232,12 +232,12 @@ class PIController:
     def init(self, dynamics, solver, x, t, span, direction, solver_state):
         h, nfe = self.initial_step(dynamics, solver, x, t, direction, span,
                                    solver.initial_drift(solver_state))
-        prev_ratio = torch.ones_like(span)
+        prev_log_ratio = torch.zeros_like(span)  # log 1
         streak = torch.zeros(span.shape, dtype=torch.long, device=span.device)
-        return h, (prev_ratio, streak, torch.zeros_like(streak, dtype=torch.bool)), nfe
+        return h, (prev_log_ratio, streak, torch.zeros_like(streak, dtype=torch.bool)), nfe
 
     def adapt(self, state, proposal: Proposal) -> Decision:
-        prev_ratio, streak, last_bad = state
+        prev_log_ratio, streak, last_bad = state
         p = proposal
         ratio = self.error_ratio(p.error, p.x, p.x_new)
         if not p.every_finite:
@@ -246,7 +246,8 @@ class PIController:
         # a tolerance below one rounding unit of the state cannot be met by shrinking the step
         # (the error estimate is then rounding noise, now and then exactly 0): fail on rejection
         unresolvable = self.unresolvable(p.x, p.x_new)
-        fac = self.factor(ratio, prev_ratio, accept, p.error_order)
+        log_ratio = self.log_ratio(ratio)
+        fac = self.factor(log_ratio, prev_log_ratio, accept, p.error_order)
         # resume the size before a shortened landing step (both steps point the same way)
         cut = accept & (p.h_proposed.abs() > p.h_tried.abs())
         h_next = self.clip(torch.where(cut, p.h_proposed, p.h_tried * fac))
@@ -274,8 +275,8 @@ class PIController:
                                                        Status.DT_UNDERFLOW.value), _NO_FAULT)
             if retries_out is not None:
                 fault = torch.where(retries_out, Status.NONFINITE.value, fault)
-        return Decision(accept=accept, h=h_next, state=(torch.where(accept, ratio, prev_ratio),
-                                                         streak, last_bad), fault=fault)
+        memory = torch.where(accept, log_ratio, prev_log_ratio)
+        return Decision(accept=accept, h=h_next, state=(memory, streak, last_bad), fault=fault)
 
     # ----- pieces ------------------------------------------------------------------------------
     def error_ratio(self, error: torch.Tensor, y0: torch.Tensor,
@@ -310,18 +311,23 @@ class PIController:
         scale = self.atol + self.rtol * ymax
         return self.scaled_norm(torch.finfo(y1.dtype).eps * ymax / scale)
 
-    def factor(self, ratio: torch.Tensor, prev_ratio: torch.Tensor, accept: torch.Tensor,
-               error_order: float) -> torch.Tensor:
-        """Step multiplier from the current and previous error ratios."""
+    @staticmethod
+    def log_ratio(ratio: torch.Tensor) -> torch.Tensor:
+        """``log r``, with ``r`` clamped to the smallest normal number (``r = 0`` is finite)."""
+        return torch.log(ratio.clamp(min=torch.finfo(ratio.dtype).tiny))
+
+    def factor(self, log_ratio: torch.Tensor, prev_log_ratio: torch.Tensor,
+               accept: torch.Tensor, error_order: float) -> torch.Tensor:
+        """Step multiplier from the logs of the current and previous error ratios
+        (:meth:`log_ratio`)."""
         k = error_order
-        tiny = torch.finfo(ratio.dtype).tiny
         # safety r^(-(p + i)/k) r_prev^(p/k) as one exp of a sum of logs (elementwise kernels
         # whose result does not depend on a row's position, see _power); r = inf gives 0 and
         # r -> 0 gives inf, both clipped below; inf - inf (extreme coefficients) the minimum
-        log_fac = torch.log(ratio.clamp(min=tiny)) * (-(self.pcoeff + self.icoeff) / k)
+        log_fac = torch.add(log_ratio * (-(self.pcoeff + self.icoeff) / k), math.log(self.safety))
         if self.pcoeff != 0.0:
-            log_fac = log_fac + torch.log(prev_ratio.clamp(min=tiny)) * (self.pcoeff / k)
-        fac = torch.nan_to_num(torch.exp(log_fac + math.log(self.safety)), nan=self.factor_min)
+            log_fac = torch.add(log_fac, prev_log_ratio, alpha=self.pcoeff / k)
+        fac = torch.nan_to_num(torch.exp(log_fac), nan=self.factor_min)
         fac = fac.clamp(self.factor_min, self.factor_max)
         return torch.where(accept, fac, fac.clamp(max=1.0))
 
