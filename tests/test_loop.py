@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -226,11 +227,36 @@ def test_masked_weights_equal_each_order_alone():
         past = [nodes[:, j] for j in range(1, solver.predictor_order)]
         cap = solver.predictor_order
         now = torch.clamp(order, max=cap)
-        pred, corr = solver._weights(h, past, now, cap)
-        ref_pred, ref_corr = solver._weights_by_order(h, past, now, cap)
-        torch.testing.assert_close(pred, ref_pred, rtol=1e-12, atol=1e-13)
-        if corr is not None:
-            torch.testing.assert_close(corr, ref_corr, rtol=1e-12, atol=1e-13)
+        full = torch.full_like(order, cap)  # every row at the full order: the pass without masks
+        for now in (torch.clamp(order, max=cap), full):
+            pred, corr = solver._weights(h, past, now, cap)
+            ref_pred, ref_corr = solver._weights_by_order(h, past, now, cap)
+            torch.testing.assert_close(pred, ref_pred, rtol=1e-12, atol=1e-13)
+            if corr is not None:
+                torch.testing.assert_close(corr, ref_corr, rtol=1e-12, atol=1e-13)
+
+
+def test_row_selection_and_finiteness_shortcuts():
+    """On the CPU a uniform mask returns one side without a pass and a finite sum clears every
+    row; a mixed mask or a non-finite row (also one hidden by an overflowing sum) goes row by
+    row, and an unselected NaN row never leaks."""
+    from difsolve._tensor import where_rows
+    from difsolve.integrate import _finite_rows
+
+    new = (torch.tensor([[1.0, 2.0], [math.nan, 4.0]]), torch.tensor([1.0, 2.0]))
+    old = (torch.zeros(2, 2), torch.zeros(2))
+    assert all(a is b for a, b in zip(where_rows(torch.tensor([True, True]), new, old), new))
+    assert all(a is b for a, b in zip(where_rows(torch.tensor([False, False]), new, old), old))
+    x, t = where_rows(torch.tensor([True, False]), new, old)
+    assert torch.equal(x, torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
+    assert torch.equal(t, torch.tensor([1.0, 0.0]))
+    ok, every = _finite_rows(torch.ones(3, 2), torch.zeros(3, 2))
+    assert every and bool(ok.all())
+    big = torch.finfo(torch.float32).max
+    for bad, expect in ((torch.tensor([[1.0, math.inf], [1.0, 1.0], [2.0, 2.0]]), [0, 1, 1]),
+                        (torch.tensor([[big, big], [big, big], [1.0, 1.0]]), [1, 1, 1])):
+        ok, every = _finite_rows(bad, None)
+        assert not every and ok.tolist() == [bool(e) for e in expect]
 
 
 def test_shared_values_broadcast_as_scalars():
@@ -265,3 +291,26 @@ def test_multistep_steps_compile_without_graph_breaks(solver):
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, u, h), step(x, u, h))
+
+
+def test_controller_decides_the_same_when_told_every_row_is_finite():
+    """``Proposal.every_finite`` only lets the PI controller skip work: with every row finite its
+    decision (accept, next step, state, faults) is the same as without the hint."""
+    gen = torch.Generator().manual_seed(4)
+    ctrl = ds.PIController(rtol=1e-3, atol=1e-3)
+    batch = 6
+    x = torch.randn(batch, 2, generator=gen, dtype=F64)
+    error = 2e-3 * torch.randn(batch, 2, generator=gen, dtype=F64)
+    state = (torch.log(torch.rand(batch, generator=gen, dtype=F64)),
+             torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.bool))
+    h = torch.full((batch,), -0.1, dtype=F64)
+    fields = dict(x=x, x_new=x + 0.01, error=error, h_proposed=h, h_tried=h,
+                  t_new=torch.full((batch,), 0.5, dtype=F64), left=torch.full((batch,), 0.5,
+                                                                                dtype=F64),
+                  finite=torch.ones(batch, dtype=torch.bool), error_order=3.0)
+    plain = ctrl.adapt(state, ds.Proposal(**fields))
+    hinted = ctrl.adapt(state, ds.Proposal(**fields, every_finite=True))
+    assert 0 < int(plain.accept.sum()) < batch  # both outcomes occur
+    for a, b in zip((plain.accept, plain.h, plain.fault, *plain.state),
+                    (hinted.accept, hinted.h, hinted.fault, *hinted.state)):
+        assert torch.equal(a, b)
