@@ -138,12 +138,13 @@ class Proposal:
 @dataclass
 class Decision:
     """A controller's verdict: per-row ``accept``, next signed step ``h``, new ``state`` and
-    ``fault`` (a :class:`~difsolve.Status` code, or -1 where the row may go on)."""
+    ``fault`` (a :class:`~difsolve.Status` code, or -1 where the row may go on; None where no
+    row faulted)."""
 
     accept: torch.Tensor
     h: torch.Tensor
     state: tuple
-    fault: torch.Tensor
+    fault: torch.Tensor | None
 
 
 #: consecutive non-finite proposals after which a sample stops with NONFINITE
@@ -269,7 +270,7 @@ class PIController:
         retries_out = None if p.every_finite else streak >= NONFINITE_RETRIES
         out = too_small if retries_out is None else too_small | retries_out
         if host_reads_free(too_small) and not bool(out.any()):
-            fault = torch.full_like(streak, _NO_FAULT)  # (on the CPU, the common case at once)
+            fault = None  # (on the CPU, the common case at once)
         else:
             fault = torch.where(too_small, torch.where(last_bad, Status.NONFINITE.value,
                                                        Status.DT_UNDERFLOW.value), _NO_FAULT)

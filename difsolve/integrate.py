@@ -50,6 +50,7 @@ __all__ = ["CHECK_EVERY", "LoopState", "solve"]
 MAX_STEPS_CAP = 2**62
 #: on fixed grids, rows are checked for non-finite values every this many steps (and at the end)
 CHECK_EVERY = 8
+_NO_FAULT = -1  # a controller's fault code for a row that may go on
 
 
 def solve(dynamics, x0: torch.Tensor, t0, t1, *, solver: Solver, steps=None,
@@ -665,7 +666,7 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
         left=(s.end - t_new).abs(), finite=finite, error_order=solver.error_order,
         every_finite=every_finite))
     live = ~s.done
-    accept = decision.accept & finite & live
+    accept = decision.accept & live if every_finite else decision.accept & finite & live
     x, t = where_rows(accept, (x_new, t_new), (s.x, s.t))
     # a zero-length step (a save point within rounding of the last one) moves nothing, and its
     # solver state must not enter a multistep history (a repeated node)
@@ -687,12 +688,17 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
             xs[next_stop[hit_rows], s.rows[hit_rows]] = saved.to(xs.dtype)
         next_stop = next_stop + hit
     reached = arrived & (t == s.end)
-    code = decision.fault  # -1: none
+    code = decision.fault  # -1 (or None for every row): none
     if iteration + 1 >= problem.max_steps:  # (no row has taken more steps than the loop)
-        code = torch.where((steps >= problem.max_steps) & (code < 0), Status.MAX_STEPS.value,
-                           code)
-    code = torch.where(reached, Status.SUCCESS.value, code)
-    finished = live & (code >= 0)
+        over = steps >= problem.max_steps
+        code = torch.where(over if code is None else over & (code < 0), Status.MAX_STEPS.value,
+                           _NO_FAULT if code is None else code)
+    if code is None:  # a row finishes only by arriving (an arrived row is live)
+        finished, status = reached, torch.where(reached, Status.SUCCESS.value, s.status)
+    else:
+        code = torch.where(reached, Status.SUCCESS.value, code)
+        finished = live & (code >= 0)
+        status = torch.where(finished, code, s.status)
     if problem.callback is not None:
         t_info = warp.to_t(t) if warp is not None else t
         x_info = warp.decode(x, t_info) if warp is not None else x
@@ -704,7 +710,7 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
                     direction=s.direction, next_stop=next_stop, solver=solver_state,
                     controller=tuple(decision.state), noise=noise_state, cond=s.cond, steps=steps,
                     accepted=accepted, rejected=rejected, nfe=nfe,
-                    status=torch.where(finished, code, s.status), done=s.done | finished,
+                    status=status, done=s.done | finished,
                     slack=s.slack)
     return new, step.nfe
 
@@ -731,9 +737,9 @@ def _landing_slack(t0: torch.Tensor, t1: torch.Tensor, stops) -> torch.Tensor:
 
 def _sync(s: LoopState, span: torch.Tensor, with_fraction: bool) -> tuple[int, float]:
     """Rows left, and (for the progress bar) the slowest row's fraction of its interval."""
-    left = (~s.done).sum()
     if not with_fraction:
-        return int(left), 0.0
+        return s.rows.numel() - int(s.done.sum()), 0.0
+    left = (~s.done).sum()
     total = span[s.rows].clamp(min=torch.finfo(span.dtype).tiny)
     frac = 1.0 - ((s.end - s.t).abs() / total).clamp(0.0, 1.0)
     frac = torch.where(s.done, 1.0, frac).min() if frac.numel() else frac.new_ones(())
