@@ -327,7 +327,7 @@ class PIController:
         # r -> 0 gives inf, both clipped below; inf - inf (extreme coefficients) the minimum
         log_fac = torch.add(log_ratio * (-(self.pcoeff + self.icoeff) / k), math.log(self.safety))
         if self.pcoeff != 0.0:
-            log_fac = torch.add(log_fac, prev_log_ratio, alpha=self.pcoeff / k)
+            log_fac = log_fac + prev_log_ratio * (self.pcoeff / k)  # (any float coefficient)
         fac = torch.nan_to_num(torch.exp(log_fac), nan=self.factor_min)
         fac = fac.clamp(self.factor_min, self.factor_max)
         return torch.where(accept, fac, fac.clamp(max=1.0))
