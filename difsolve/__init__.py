@@ -22,6 +22,7 @@ from .fields import (
 from .fields.diffusers import diffusers_timesteps, from_diffusers
 from .fields.network import DiscreteDenoiser
 from .fields.poisson import PoissonField
+from .graphs import CapturedSolve
 from .integrate import LoopState, solve
 from .likelihood import ExactTrace, Hutchinson, LogLikelihood, log_likelihood
 from .noise import BridgedNoise, FreshNoise, NoiseSource
@@ -72,6 +73,7 @@ __all__ = [
     "BridgedNoise",
     "BrownianPath",
     "ButcherTableau",
+    "CapturedSolve",
     "ClassifierFreeGuidance",
     "Controller",
     "DPMSolver",

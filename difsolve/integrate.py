@@ -362,80 +362,118 @@ def _columns(grid: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _solve_fixed(problem: _Problem, steps, schedule) -> Solution:
-    solver, x0, batch = problem.solver, problem.x0, problem.batch
-    grid_t = _grid(steps, schedule, problem)
-    n = grid_t.shape[0] - 1
-    outer, warp = problem.bind(problem.cond)
-    dynamics = warp if warp is not None else outer
-    grid_u = warp.to_u(grid_t) if warp is not None else grid_t
-    t_cols, u_cols = _columns(grid_t, batch), _columns(grid_u, batch)
-    h_cols = _columns(grid_u[1:] - grid_u[:-1], batch)
-    process = problem.process
-    final_zero = bool(process is not None
-                      and float(process.sigma(grid_t[-1].reshape(-1)[:1])[0]) == 0.0)
-    ctx = problem.context(n_steps=n, final_sigma_zero=final_zero)
-    noise = problem.noise_source(adaptive=False)
-    corrector, callback = problem.corrector, problem.callback
-    save_idx = _save_indices(grid_t if grid_t.ndim == 1 else grid_t[:, 0], problem.save_t)
-    xs = []
-    if 0 in save_idx:
-        xs.append(x0)
+    run = FixedRun.setup(problem, steps, schedule)
+    return run.solution(*run.loop(problem.x0))
 
-    x = x0 if warp is None else warp.encode(x0, t_cols[0])
-    if grid_u.ndim == 1:  # a grid shared by the batch: per-grid work done once
-        ctx.plan = solver.prepare(dynamics, grid_u)
-    state, nfe = solver.init(dynamics, x, u_cols[0], ctx)
-    nstate = noise.init(x, None) if noise is not None else ()
-    good = _LastGood.start(x, t_cols[0])
-    bar = None
-    if problem.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="solve", unit="step")
-    us, hs = u_cols.unbind(0), h_cols.unbind(0)  # views made once, not indexed per step
-    plain = corrector is None and noise is None and not save_idx and callback is None
-    for block in range(0, n, CHECK_EVERY):  # the rows are checked after every block
-        stop = min(block + CHECK_EVERY, n)
-        if plain:  # nothing but the steps
-            x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, block, stop, x0.dtype)
-            nfe += k
-        else:
-            for i in range(block, stop):
-                if corrector is not None:
-                    x_t = x if warp is None else warp.decode(x, t_cols[i])
-                    x_t, c_nfe = corrector.correct(outer, x_t, t_cols[i], problem.stream)
-                    x = x_t if warp is None else warp.encode(x_t, t_cols[i])
-                    nfe += c_nfe
-                dw = None
-                if noise is not None:
-                    dw, proposal = noise.propose(nstate, x, us[i], hs[i], None)
-                    nstate = noise.commit(nstate, proposal, None)
-                x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, i, i + 1,
-                                     x0.dtype, dw)
+@dataclass
+class FixedRun:
+    """A fixed-step solve in three parts: :meth:`setup` does the host-side work (the grid, its
+    columns, the solver's per-grid plan), :meth:`loop` runs the steps from a starting state (on
+    accelerators without a host synchronisation, so that :class:`~difsolve.CapturedSolve` can
+    record it as a CUDA graph) and :meth:`solution` assembles the result."""
+
+    problem: _Problem
+    n: int
+    outer: object  # the dynamics with the condition bound
+    warp: object  # the time change (None in t)
+    t_cols: torch.Tensor  # (N + 1, B) grid in t (stride-0 columns where shared)
+    us: tuple  # the grid's times and steps in the integration variable, one view per step
+    hs: tuple
+    ctx: StepContext
+    save_idx: dict[int, int]
+
+    @property
+    def dynamics(self):
+        return self.warp if self.warp is not None else self.outer
+
+    @classmethod
+    def setup(cls, problem: _Problem, steps, schedule) -> FixedRun:
+        grid_t = _grid(steps, schedule, problem)
+        n, batch = grid_t.shape[0] - 1, problem.batch
+        outer, warp = problem.bind(problem.cond)
+        grid_u = warp.to_u(grid_t) if warp is not None else grid_t
+        u_cols, h_cols = _columns(grid_u, batch), _columns(grid_u[1:] - grid_u[:-1], batch)
+        process = problem.process
+        final_zero = bool(process is not None
+                          and float(process.sigma(grid_t[-1].reshape(-1)[:1])[0]) == 0.0)
+        ctx = problem.context(n_steps=n, final_sigma_zero=final_zero)
+        if grid_u.ndim == 1:  # a grid shared by the batch: per-grid work done once
+            ctx.plan = problem.solver.prepare(warp if warp is not None else outer, grid_u)
+        save_idx = _save_indices(grid_t if grid_t.ndim == 1 else grid_t[:, 0], problem.save_t)
+        # views made once, not indexed per step
+        return cls(problem, n, outer, warp, _columns(grid_t, batch), u_cols.unbind(0),
+                   h_cols.unbind(0), ctx, save_idx)
+
+    def loop(self, x0: torch.Tensor) -> tuple[torch.Tensor, _LastGood, int, list]:
+        """The steps from ``x0``: ``(x at the end, the last checked state, evaluations, saved
+        states)``."""
+        problem, n, warp, t_cols, us, hs, ctx = (self.problem, self.n, self.warp, self.t_cols,
+                                                 self.us, self.hs, self.ctx)
+        solver, dynamics, save_idx = problem.solver, self.dynamics, self.save_idx
+        noise = problem.noise_source(adaptive=False)
+        corrector, callback = problem.corrector, problem.callback
+        xs = [x0] if 0 in save_idx else []
+        x = x0 if warp is None else warp.encode(x0, t_cols[0])
+        state, nfe = solver.init(dynamics, x, us[0], ctx)
+        nstate = noise.init(x, None) if noise is not None else ()
+        good = _LastGood.start(x, t_cols[0])
+        bar = None
+        if problem.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="solve", unit="step")
+        plain = corrector is None and noise is None and not save_idx and callback is None
+        for block in range(0, n, CHECK_EVERY):  # the rows are checked after every block
+            stop = min(block + CHECK_EVERY, n)
+            if plain:  # nothing but the steps
+                x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, block, stop,
+                                     x0.dtype)
                 nfe += k
-                if i + 1 in save_idx:
-                    xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
-                if callback is not None:
-                    x_t = x if warp is None else warp.decode(x, t_cols[i + 1])
-                    callback(_info(i + 1, t_cols[i + 1], x_t, solver.denoised(state)))
-        good = good.update(x, t_cols[stop], stop)
+            else:
+                for i in range(block, stop):
+                    if corrector is not None:
+                        x_t = x if warp is None else warp.decode(x, t_cols[i])
+                        x_t, c_nfe = corrector.correct(self.outer, x_t, t_cols[i],
+                                                       problem.stream)
+                        x = x_t if warp is None else warp.encode(x_t, t_cols[i])
+                        nfe += c_nfe
+                    dw = None
+                    if noise is not None:
+                        dw, proposal = noise.propose(nstate, x, us[i], hs[i], None)
+                        nstate = noise.commit(nstate, proposal, None)
+                    x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, i, i + 1,
+                                         x0.dtype, dw)
+                    nfe += k
+                    if i + 1 in save_idx:
+                        xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
+                    if callback is not None:
+                        x_t = x if warp is None else warp.decode(x, t_cols[i + 1])
+                        callback(_info(i + 1, t_cols[i + 1], x_t, solver.denoised(state)))
+            good = good.update(x, t_cols[stop], stop)
+            if bar is not None:
+                bar.update(stop - block)
         if bar is not None:
-            bar.update(stop - block)
-    if bar is not None:
-        bar.close()
-    if warp is not None:
-        x = warp.decode(x, t_cols[n])
-        good = good.decoded(warp)
-    status = torch.where(good.alive, Status.SUCCESS.value, Status.NONFINITE.value)
-    steps_done = torch.where(good.alive, n, torch.as_tensor(good.steps, device=x.device))
-    stats = Stats(nfe=nfe, nfe_per_sample=torch.full_like(steps_done, nfe), steps=steps_done,
-                  accepted=steps_done.clone(), rejected=torch.zeros_like(steps_done))
-    saved = None
-    if xs:
-        saved = torch.stack(xs)
-        saved = torch.where(bcast(good.alive, saved[0])[None], saved, math.nan)
-    return _finish(Solution(x=x, t=t_cols[n].clone(), stats=stats, status=status,
-                            ts=problem.save_t, xs=saved, last_x=good.x, last_t=good.t.contiguous()))
+            bar.close()
+        if warp is not None:
+            x = warp.decode(x, t_cols[n])
+            good = good.decoded(warp)
+        return x, good, nfe, xs
+
+    def solution(self, x: torch.Tensor, good: _LastGood, nfe: int, xs: list) -> Solution:
+        n = self.n
+        status = torch.where(good.alive, Status.SUCCESS.value, Status.NONFINITE.value)
+        steps_done = torch.where(good.alive, n, torch.as_tensor(good.steps, device=x.device))
+        stats = Stats(nfe=nfe, nfe_per_sample=torch.full_like(steps_done, nfe),
+                      steps=steps_done, accepted=steps_done.clone(),
+                      rejected=torch.zeros_like(steps_done))
+        saved = None
+        if xs:
+            saved = torch.stack(xs)
+            saved = torch.where(bcast(good.alive, saved[0])[None], saved, math.nan)
+        return _finish(Solution(x=x, t=self.t_cols[n].clone(), stats=stats, status=status,
+                                ts=self.problem.save_t, xs=saved, last_x=good.x,
+                                last_t=good.t.contiguous()))
 
 
 def _steps(solver, dynamics, x, state, us, hs, ctx, start: int, stop: int, dtype,

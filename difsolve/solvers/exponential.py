@@ -112,8 +112,7 @@ def kernel_moments(h: torch.Tensor, k: int, form: str = "data") -> torch.Tensor:
 
     moments = _two_branch_moments(h, k, lambda hs: hs.expand(k, -1).cumprod(0), far)
     if form == "noise":
-        sign = torch.tensor([(-1.0) ** (m + 1) for m in range(k)], dtype=h.dtype,
-                            device=h.device)
+        sign = _constant(tuple((-1.0) ** (m + 1) for m in range(k)), h)
         moments = moments * sign[:, None]
     return moments
 
@@ -148,6 +147,15 @@ def _two_branch_moments(h: torch.Tensor, k: int, near_scale, far) -> torch.Tenso
 
 
 _RULES: dict = {}
+
+
+def _constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor of ``like``'s dtype and device, made once (a tensor made from host
+    data inside a step is a host-to-device copy, which a CUDA graph cannot record)."""
+    key = (values, like.dtype, str(like.device))
+    if key not in _RULES:
+        _RULES[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _RULES[key]
 
 
 def _quadrature_rule(k: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -694,6 +702,6 @@ class IPNDM(Multistep):
         super().__init__(order, False, "multistep", lower_order_final, (1, 2, 3, 4))
 
     def predictor_weights(self, h, past, k, moments):
-        unit = torch.tensor([1.0 / (m + 1) for m in range(k)], dtype=h.dtype, device=h.device)
+        unit = _constant(tuple(1.0 / (m + 1) for m in range(k)), h)
         scaled = moments[:1] * unit[:, None]  # (e^h - 1) int_0^1 u^m du
         return _weights_of([-float(j) for j in range(k)], scaled)
