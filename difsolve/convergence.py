@@ -45,9 +45,21 @@ from ._errors import (
     check_tensor,
 )
 from .brownian import BrownianPath
+from .dynamics import ProbabilityFlowODE, ReverseSDE
 from .integrate import solve
 from .problems import GeometricBrownianMotion, gaussian_problem
 from .solution import Status
+from .solvers import (
+    RK4,
+    Bosh3,
+    Dopri5,
+    DPMSolver,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    Midpoint,
+    StochasticHeun,
+)
 from .solvers.base import Solver
 
 __all__ = ["Study", "fit_order", "ode_order", "plot_studies", "run_converge", "strong_order",
@@ -483,19 +495,6 @@ def default_studies(paths: int = 64, weak_paths: int = 16000, ode_samples: int =
 
     ``shrink`` divides every step count (a quick smoke run; the orders are then pre-asymptotic).
     """
-    from .dynamics import ProbabilityFlowODE, ReverseSDE
-    from .solvers import (
-        RK4,
-        Bosh3,
-        Dopri5,
-        DPMSolver,
-        Euler,
-        EulerMaruyama,
-        Heun,
-        Midpoint,
-        StochasticHeun,
-    )
-
     shrink = check_int(shrink, "shrink")
 
     def steps_of(*ns):

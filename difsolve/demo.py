@@ -23,6 +23,7 @@ from . import problems
 from .control import PIController, make_grid
 from .dynamics import ProbabilityFlowODE
 from .fields.gaussian_mixture import GaussianMixture
+from .integrate import solve
 from .processes import EDM
 from .sample import sample
 from .solvers import (
@@ -150,8 +151,6 @@ def _trajectories(field, runs, seed: int, n: int = 5):
     """``{name: (sigmas (S,), states (S, n, 2))}`` of the first ``n`` prior draws: the reference
     (Dopri5 at 1e-8, saved on 60 log-spaced noise levels) and the solvers in ``TRAJECTORIES``
     (fixed grids: their own grid; adaptive: saved at the same 60 levels, where it also stops)."""
-    from .integrate import solve
-
     process = field.process
     dyn_ode = ProbabilityFlowODE(field)
     x_t = process.prior_sample((n, 2), generator=torch.Generator().manual_seed(seed),
