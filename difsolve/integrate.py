@@ -427,8 +427,7 @@ class FixedRun:
         for block in range(0, n, CHECK_EVERY):  # the rows are checked after every block
             stop = min(block + CHECK_EVERY, n)
             if plain:  # nothing but the steps
-                x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, block, stop,
-                                     x0.dtype)
+                x, state, k = solver.advance(dynamics, x, state, us, hs, ctx, block, stop)
                 nfe += k
             else:
                 for i in range(block, stop):
@@ -442,8 +441,8 @@ class FixedRun:
                     if noise is not None:
                         dw, proposal = noise.propose(nstate, x, us[i], hs[i], None)
                         nstate = noise.commit(nstate, proposal, None)
-                    x, state, k = _steps(solver, dynamics, x, state, us, hs, ctx, i, i + 1,
-                                         x0.dtype, dw)
+                    x, state, k = solver.advance(dynamics, x, state, us, hs, ctx, i, i + 1,
+                                                 dw)
                     nfe += k
                     if i + 1 in save_idx:
                         xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
@@ -474,20 +473,6 @@ class FixedRun:
         return _finish(Solution(x=x, t=self.t_cols[n].clone(), stats=stats, status=status,
                                 ts=self.problem.save_t, xs=saved, last_x=good.x,
                                 last_t=good.t.contiguous()))
-
-
-def _steps(solver, dynamics, x, state, us, hs, ctx, start: int, stop: int, dtype,
-           dw=None) -> tuple[torch.Tensor, tuple, int]:
-    """Steps ``start .. stop - 1`` of a fixed grid (``dw``: the increment of a single step), the
-    state kept in ``dtype``; returns the state, the solver state and the evaluations spent."""
-    nfe = 0
-    for i in range(start, stop):
-        ctx.index = i
-        step = solver.step(dynamics, x, us[i], hs[i], state, dw, ctx)
-        x, state, nfe = step.x, step.state, nfe + step.nfe
-        if x.dtype != dtype:
-            x = x.to(dtype)
-    return x, state, nfe
 
 
 @dataclass

@@ -127,6 +127,22 @@ class Solver:
              dw: torch.Tensor | None, ctx: StepContext) -> Step:
         raise NotImplementedError
 
+    def advance(self, dynamics, x: torch.Tensor, state: State, times, steps, ctx: StepContext,
+                start: int, stop: int, dw: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, State, int]:
+        """Steps ``start .. stop - 1`` of a fixed grid (``times[i]``, ``steps[i]``: ``(B,)``;
+        ``dw``: the increment of a single step): ``(x, state, NFE)``, the state kept in ``x``'s
+        dtype. The default calls :meth:`step` per step; a solver may run the block in a tighter
+        loop (the loop calls this, so ``step`` need not exist twice)."""
+        nfe, dtype = 0, x.dtype
+        for i in range(start, stop):
+            ctx.index = i
+            step = self.step(dynamics, x, times[i], steps[i], state, dw, ctx)
+            x, state, nfe = step.x, step.state, nfe + step.nfe
+            if x.dtype != dtype:
+                x = x.to(dtype)
+        return x, state, nfe
+
     def prepare(self, dynamics, grid: torch.Tensor) -> object:
         """Work shared by every step of a fixed grid common to the batch (``grid``: ``(n + 1,)``
         in the integration variable), handed back as ``StepContext.plan``; None: nothing."""
