@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from ._errors import ArgumentTypeError, IncompatibleError, InvalidArgumentError
+from ._errors import ArgumentTypeError, IncompatibleError, InvalidArgumentError, check_int
 from .integrate import FixedRun, _Problem
 from .solution import Solution
 from .solvers.base import Solver
@@ -41,15 +41,25 @@ class CudaGraph:
         self.warmup, self.graph = warmup, None
 
     def capture(self, fn):
+        # warm-up and capture on one side stream: lazy initialisations (cuBLAS handles, which
+        # are cached per stream) happen before the capture; the last warm-up fails loudly on a
+        # synchronising operation, where the capture itself would fail obscurely
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy initialisations (cuBLAS handles, ...) happen here
-            for _ in range(self.warmup):
-                fn()
+        with torch.cuda.stream(side):
+            for i in range(self.warmup):
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error" if i == self.warmup - 1 else mode)
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            return fn()
+        with torch.cuda.graph(self.graph, stream=side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
 
     def replay(self) -> None:
         self.graph.replay()
@@ -86,6 +96,7 @@ class CapturedSolve:
                 f"{type(solver).__name__} draws noise (use ds.solve)")
         if steps is None:
             raise IncompatibleError("argument `steps`: CapturedSolve needs a fixed grid")
+        warmup = check_int(warmup, "warmup", minimum=1)
         self._x0 = x0.detach().clone()
         self._cond = None if cond is None else {k: _static(v) for k, v in cond.items()}
         problem = _Problem.build(

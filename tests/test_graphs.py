@@ -172,6 +172,9 @@ def test_captured_solve_refuses_what_it_cannot_record():
     with pytest.raises(ds.IncompatibleError, match="steps"):
         ds.CapturedSolve(ode, x, 1.0, 1e-3, solver=ds.Euler(), steps=None, cond=cond,
                          _backend=ReplayByRerun())
+    with pytest.raises(ds.InvalidArgumentError, match="warmup"):
+        ds.CapturedSolve(ode, x, 1.0, 1e-3, solver=ds.Euler(), steps=4, cond=cond, warmup=0,
+                         _backend=ReplayByRerun())
     with _as_on_an_accelerator():
         captured = ds.CapturedSolve(ode, x, 1.0, 1e-3, solver=ds.Euler(), steps=4,
                                     cond={**cond, "scale": 2.0}, _backend=ReplayByRerun())
