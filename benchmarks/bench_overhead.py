@@ -10,9 +10,11 @@ the solve loop itself: per evaluation, wall time minus the cost of calling the f
 3. Adaptive: difsolve ``DPMSolver(3, corrector=True)`` under a PI controller in log-sigma time
    against torchode's Dopri5 integrating the same probability-flow ODE in the same time variable
    (log sigma), on an exact Gaussian field: time of the whole solve, per step and per evaluation.
-4. A small random diffusers U-Net on a fixed grid: ``ds.sample`` against NFE x one network call.
+4. A small random diffusers U-Net on a fixed grid: ``ds.sample`` against NFE x one network call
+   (with ``--device cuda`` on a GPU, also the solve recorded as a CUDA graph, ``ds.CapturedSolve``).
 
-Run: ``python benchmarks/bench_overhead.py [--quick]`` (about 1 minute; ``--quick`` a few seconds).
+Run: ``python benchmarks/bench_overhead.py [--quick] [--device cuda]`` (about 1 minute; ``--quick``
+a few seconds).
 Figures are ratios within one run; absolute microseconds depend on the machine and its load.
 
 Expected time: full about 1 min, --quick a few seconds.
@@ -51,19 +53,24 @@ class LinearSDE(Linear):
         return torch.ones_like(t)
 
 
-def race(fns: dict, repeats: int) -> dict[str, float]:
+def race(fns: dict, repeats: int, device: str = "cpu") -> dict[str, float]:
     """Best time of each callable over ``repeats`` interleaved rounds (every contender runs once
-    per round, so a change in the machine's load affects all of them alike). The time is the
-    process's CPU time (one thread: ``torch.set_num_threads(1)``), which other processes on the
-    machine do not inflate."""
+    per round, so a change in the machine's load affects all of them alike). On the CPU the time
+    is the process's CPU time (one thread: ``torch.set_num_threads(1)``), which other processes
+    on the machine do not inflate; on CUDA it is wall time up to a device synchronisation."""
+    clock = time.process_time
+    if device == "cuda":
+        def clock():
+            torch.cuda.synchronize()
+            return time.perf_counter()
     for fn in fns.values():
         fn()  # warm-up
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.process_time()
+            start = clock()
             fn()
-            best[name] = min(best[name], time.process_time() - start)
+            best[name] = min(best[name], clock() - start)
     return best
 
 
@@ -201,21 +208,22 @@ def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple]:
                                                 error(result["torchode"].ys[:, -1]))}
 
 
-def small_unet(steps: int, repeats: int) -> dict[str, float]:
+def small_unet(steps: int, repeats: int, device: str = "cpu") -> dict[str, float]:
     """A small random diffusers U-Net (3 x 32 x 32, batch 8) sampled by DPM-Solver++(2M) on a
-    fixed grid: time of ``ds.sample`` against ``NFE x`` the cost of one U-Net call (the
-    issue's GPU criterion, measured here on the CPU, where the U-Net dominates)."""
+    fixed grid: time of ``ds.sample`` against ``NFE x`` the cost of one U-Net call (the issue's
+    GPU criterion; on the CPU the U-Net dominates). On CUDA also the fixed-step solve recorded
+    as a CUDA graph (:class:`ds.CapturedSolve`) and replayed."""
     import diffusers
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64),
         layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval().to(device)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     field = ds.from_diffusers(unet, scheduler)
-    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    t = torch.full((8,), 500.0)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((8,), 500.0, device=device)
     result = {}
 
     def one_call():
@@ -226,14 +234,22 @@ def small_unet(steps: int, repeats: int) -> dict[str, float]:
         result["sol"] = ds.sample(field, x_T=x, solver=ds.DPMSolver(2), steps=steps,
                                   denoise=False)
 
-    times = race({"call": one_call, "sample": ours}, repeats)
-    nfe = result["sol"].stats.nfe
-    return {"nfe": nfe, "call": times["call"], "sample": times["sample"]}
+    fns = {"call": one_call, "sample": ours}
+    if device == "cuda":
+        process = field.process
+        captured = ds.CapturedSolve(ds.ProbabilityFlowODE(field), x, process.t_max,
+                                    process.t_min, solver=ds.DPMSolver(2), steps=steps,
+                                    schedule="karras")
+        fns["captured"] = lambda: captured(x)
+    times = race(fns, repeats, device)
+    return {"nfe": result["sol"].stats.nfe, **times}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of the U-Net section (the loop sections run on the CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     batch, n, repeats = (4096, 200, 5) if args.quick else (4096, 500, 15)
@@ -266,10 +282,14 @@ def main(argv=None) -> int:
           f"{(ours / o_nfe) / (peer / p_nfe):.2f}")
     print("== small U-Net (diffusers UNet2DModel, random weights, batch 8 x 3 x 32 x 32), "
           "DPMSolver(2) fixed grid: time of ds.sample against NFE x one network call")
-    unet = small_unet(10 if args.quick else 20, 2 if args.quick else 5)
-    print(f"  {unet['nfe']} NFE x {unet['call'] * 1e3:.1f} ms = "
-          f"{unet['nfe'] * unet['call'] * 1e3:.1f} ms; ds.sample {unet['sample'] * 1e3:.1f} ms; "
-          f"ratio {unet['sample'] / (unet['nfe'] * unet['call']):.3f}")
+    unet = small_unet(10 if args.quick else 20, 2 if args.quick else 5, args.device)
+    budget = unet["nfe"] * unet["call"]
+    print(f"  on {args.device}: {unet['nfe']} NFE x {unet['call'] * 1e3:.2f} ms = "
+          f"{budget * 1e3:.1f} ms; ds.sample {unet['sample'] * 1e3:.1f} ms, ratio "
+          f"{unet['sample'] / budget:.3f}")
+    if "captured" in unet:
+        print(f"  ds.CapturedSolve replay {unet['captured'] * 1e3:.1f} ms, ratio "
+              f"{unet['captured'] / budget:.3f}")
     return 0
 
 
