@@ -408,14 +408,12 @@ class FixedRun:
     def loop(self, x0: torch.Tensor) -> tuple[torch.Tensor, _LastGood, int, list]:
         """The steps from ``x0``: ``(x at the end, the last checked state, evaluations, saved
         states)``."""
-        problem, n, warp, t_cols, us, hs, ctx = (self.problem, self.n, self.warp, self.t_cols,
-                                                 self.us, self.hs, self.ctx)
-        solver, dynamics, save_idx = problem.solver, self.dynamics, self.save_idx
+        problem, n, warp, t_cols, ctx = self.problem, self.n, self.warp, self.t_cols, self.ctx
+        solver, dynamics = problem.solver, self.dynamics
         noise = problem.noise_source(adaptive=False)
-        corrector, callback = problem.corrector, problem.callback
-        xs = [x0] if 0 in save_idx else []
+        xs = [x0] if 0 in self.save_idx else []
         x = x0 if warp is None else warp.encode(x0, t_cols[0])
-        state, nfe = solver.init(dynamics, x, us[0], ctx)
+        state, nfe = solver.init(dynamics, x, self.us[0], ctx)
         nstate = noise.init(x, None) if noise is not None else ()
         good = _LastGood.start(x, t_cols[0])
         bar = None
@@ -423,32 +421,18 @@ class FixedRun:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="solve", unit="step")
-        plain = corrector is None and noise is None and not save_idx and callback is None
+        plain = (problem.corrector is None and noise is None and not self.save_idx
+                 and problem.callback is None)
         for block in range(0, n, CHECK_EVERY):  # the rows are checked after every block
             stop = min(block + CHECK_EVERY, n)
             if plain:  # nothing but the steps
-                x, state, k = solver.advance(dynamics, x, state, us, hs, ctx, block, stop)
+                x, state, k = solver.advance(dynamics, x, state, self.us, self.hs, ctx, block,
+                                             stop)
                 nfe += k
             else:
                 for i in range(block, stop):
-                    if corrector is not None:
-                        x_t = x if warp is None else warp.decode(x, t_cols[i])
-                        x_t, c_nfe = corrector.correct(self.outer, x_t, t_cols[i],
-                                                       problem.stream)
-                        x = x_t if warp is None else warp.encode(x_t, t_cols[i])
-                        nfe += c_nfe
-                    dw = None
-                    if noise is not None:
-                        dw, proposal = noise.propose(nstate, x, us[i], hs[i], None)
-                        nstate = noise.commit(nstate, proposal, None)
-                    x, state, k = solver.advance(dynamics, x, state, us, hs, ctx, i, i + 1,
-                                                 dw)
+                    x, state, nstate, k = self._step_with_extras(i, x, state, noise, nstate, xs)
                     nfe += k
-                    if i + 1 in save_idx:
-                        xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
-                    if callback is not None:
-                        x_t = x if warp is None else warp.decode(x, t_cols[i + 1])
-                        callback(_info(i + 1, t_cols[i + 1], x_t, solver.denoised(state)))
             good = good.update(x, t_cols[stop], stop)
             if bar is not None:
                 bar.update(stop - block)
@@ -458,6 +442,29 @@ class FixedRun:
             x = warp.decode(x, t_cols[n])
             good = good.decoded(warp)
         return x, good, nfe, xs
+
+    def _step_with_extras(self, i: int, x, state, noise, nstate, xs: list):
+        """Step ``i`` with what the plain block leaves out: the corrector before it, the
+        Brownian increment, the save point and the callback after it; ``(x, state, noise
+        state, evaluations)``."""
+        problem, warp, t_cols, solver = self.problem, self.warp, self.t_cols, self.problem.solver
+        nfe = 0
+        if problem.corrector is not None:
+            x_t = x if warp is None else warp.decode(x, t_cols[i])
+            x_t, nfe = problem.corrector.correct(self.outer, x_t, t_cols[i], problem.stream)
+            x = x_t if warp is None else warp.encode(x_t, t_cols[i])
+        dw = None
+        if noise is not None:
+            dw, proposal = noise.propose(nstate, x, self.us[i], self.hs[i], None)
+            nstate = noise.commit(nstate, proposal, None)
+        x, state, k = solver.advance(self.dynamics, x, state, self.us, self.hs, self.ctx, i,
+                                     i + 1, dw)
+        if i + 1 in self.save_idx:
+            xs.append(x if warp is None else warp.decode(x, t_cols[i + 1]))
+        if problem.callback is not None:
+            x_t = x if warp is None else warp.decode(x, t_cols[i + 1])
+            problem.callback(_info(i + 1, t_cols[i + 1], x_t, solver.denoised(state)))
+        return x, state, nstate, nfe + k
 
     def solution(self, x: torch.Tensor, good: _LastGood, nfe: int, xs: list) -> Solution:
         n = self.n
