@@ -485,8 +485,10 @@ def compare(results, floors, spreads, peers=PEERS):
             best = {}
             for side in ("difsolve", "peer"):
                 libs = ("difsolve",) if side == "difsolve" else peers
-                best[side] = min((row[k][m + 1], name) for (lib, name), row in results.items()
-                                 if lib in libs)
+                best[side] = min(((row[k][m + 1], name) for (lib, name), row in results.items()
+                                  if lib in libs), default=None)
+            if None in best.values():  # a partial run (--only) without one of the sides
+                continue
             (dv, dn), (pv, pn) = best["difsolve"], best["peer"]
             d_above, p_above = max(dv - fl, 0.0), max(pv - fl, 0.0)
             resolved = p_above > 2 * sd
