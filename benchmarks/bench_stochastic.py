@@ -26,7 +26,7 @@ run, cost reported apart). The difsolve rows were chosen on seed 0; the report u
 Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 ``difsolve bench stochastic``).
 
-Expected time: full about 15 min (200000 samples, 75 samplers), --quick about 30 s (one CPU core).
+Expected time: full about 15 min (200000 samples, 77 samplers), --quick about 30 s (one CPU core).
 """
 
 from __future__ import annotations
