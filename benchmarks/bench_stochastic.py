@@ -11,22 +11,22 @@ of ``sqrt(tr Cov_k^sample / tr Cov_k) - 1``). The Monte-Carlo floor is the mean 
 deviation) of the errors of exact draws of the same size, computed the same way.
 
 Evaluations are counted as batched calls of the field, final denoising included, the same way
-for every library. Peers, in the same run: k-diffusion ``sample_euler_ancestral``,
-``sample_dpmpp_2m_sde`` (midpoint and heun), ``sample_dpmpp_3m_sde``, ``sample_dpmpp_sde``
-(2 evaluations per step) at their default ``eta = 1``, each on Karras (rho 7), exponential and
-polyexponential (rho 1.3, the grid family of difsolve's best rows) sigmas; diffusers
-``EulerAncestralDiscreteScheduler``, ``DDIMScheduler`` (eta 1), ``DDPMScheduler``,
-``DPMSolverMultistepScheduler`` (``sde-dpmsolver++`` 2 and 3, default and Karras sigmas),
-``SASolverScheduler`` (default and Karras sigmas), ``KDPM2AncestralDiscreteScheduler`` (Karras)
-on a 1000-step discrete schedule whose noise levels are exactly 0.002 .. 80 geometric, and
-``EDMDPMSolverMultistepScheduler`` (``sde-dpmsolver++`` 2 and 3, continuous EDM sigmas), each fed
-the exact prediction at the scheduler's own noise level. The difsolve rows were chosen on seed 0;
-the report uses seed 1.
+for every library. Peers, in the same run and all counted: k-diffusion ``sample_euler_ancestral``,
+``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` at eta 0.3, 0.5, 0.7 and 1, and
+``sample_dpmpp_2m_sde`` heun and ``sample_dpmpp_sde`` (2 evaluations per step) at eta 1, each on
+Karras (rho 7), exponential and polyexponential (rho 1.3 and 1.6) sigmas; diffusers
+``DDIMScheduler`` (eta 1), ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++`` 2 and 3),
+``SASolverScheduler`` (its default tau window and a constant tau 0.3 / 0.5), each with default and
+Karras sigmas, and ``KDPM2AncestralDiscreteScheduler`` (Karras), on a 1000-step discrete schedule
+whose noise levels are exactly 0.002 .. 80 geometric, each fed the exact prediction at the
+scheduler's own noise level. difsolve's rows include samplers on grids tuned for an ODE solver
+of the same cost per step (:class:`TunedGrid`: pilots drawn with their own seed, computed in the
+run, cost reported apart). The difsolve rows were chosen on seed 0; the report uses seed 1.
 
 Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 ``difsolve bench stochastic``).
 
-Expected time: full about 10 min (200000 samples, 36 samplers), --quick about 20 s (one CPU core).
+Expected time: full about 15 min (200000 samples, 77 samplers), --quick about 30 s (one CPU core).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from difsolve.demo import distribution_errors
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 BUDGETS = (10, 20, 50)  # --budgets replaces it
 PEERS = ("k-diffusion", "diffusers")
-REFERENCE = "k-diff eta<1"  # rows shown for reference, not counted as peers
 F64 = torch.float64
 
 
@@ -77,18 +76,22 @@ class DiagonalMixtureField:
     def denoise(self, y: torch.Tensor, sigma) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=y.dtype).reshape(-1).expand(y.shape[0])
         if not bool((sigma == sigma[0]).all()):
-            out = torch.empty_like(y)
-            for s in torch.unique(sigma):
-                rows = sigma == s
-                out[rows] = self.denoise(y[rows], s.reshape(1))
-            return out
-        s2 = float(sigma[0]) ** 2
+            return self._denoise_per_row(y, sigma)
+        s2 = sigma[0].square()  # a tensor: differentiable in the noise level (grid tuning)
         var = self.vars + s2
         inv = 1.0 / var
         mat = torch.cat([-0.5 * inv, self.means * inv], 1).T
         const = self.weights.log() - 0.5 * (self.means.square() * inv + var.log()).sum(1)
         gamma = torch.softmax(torch.addmm(const, torch.cat([y.square(), y], 1), mat), 1)
         return y - s2 * (y * (gamma @ inv) - gamma @ (self.means * inv))
+
+    def _denoise_per_row(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The same with a noise level per row (adaptive reference solves), by broadcasting."""
+        var = self.vars + sigma.square()[:, None, None]  # (n, K, d)
+        diff = y[:, None, :] - self.means
+        logits = self.weights.log() - 0.5 * (diff.square() / var + var.log()).sum(2)
+        gamma = torch.softmax(logits, 1)
+        return y - sigma.square()[:, None] * (gamma[:, :, None] * diff / var).sum(1)
 
     def __call__(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         self.calls += 1
@@ -165,7 +168,50 @@ def poly(rho: float):
 
 
 exponential = poly(1.0)
-GRIDS = {"karras": karras, "exponential": exponential, "polyexp 1.3": poly(1.3)}
+GRIDS = {"karras": karras, "exponential": exponential, "polyexp 1.3": poly(1.3),
+         "polyexp 1.6": poly(1.6)}
+PEER_ETAS = (0.3, 0.5, 0.7, 1.0)  # k-diffusion's eta (1: its default), every grid
+# the tuned grids' pilots: their seed (not an evaluation seed), number and focus (--quick: fewer)
+PILOT_SEED, PILOTS, FOCUS = 123, 16384, 4096
+
+
+class TunedGrid:
+    """Noise levels tuned by :func:`difsolve.tuning.tune_schedule` for the ODE solver ``tuner``
+    at each budget, reused by a stochastic sampler of the same cost per step.
+
+    ``levels(n)`` is the grid of ``n - 1`` steps (``n`` levels, 80 -> 0.002) that minimises the
+    mean squared endpoint error of ``tuner`` on the probability-flow ODE against tight reference
+    solves from ``PILOTS`` prior draws with seed ``PILOT_SEED`` (independent of the evaluation
+    draws), 40 L-BFGS iterations on a focus of ``FOCUS`` of them. It is deterministic, computed
+    inside the run and cached; ``cost`` collects the seconds and field evaluations spent tuning.
+    """
+
+    def __init__(self, name: str, make_tuner, field: DiagonalMixtureField):
+        self.name, self.make_tuner, self.field = name, make_tuner, field
+        self.grids, self.cost = {}, {}
+
+    def __call__(self, n: int) -> torch.Tensor:
+        if n not in self.grids:
+            pilots = _pilots(self.field)
+            started = time.perf_counter()
+            grid, info = ds.tune_schedule(self.field, self.make_tuner(), n - 1,
+                                          pilots=pilots, iterations=40,
+                                          focus=FOCUS, return_info=True)
+            self.grids[n] = grid.detach()
+            self.cost[n] = (time.perf_counter() - started, info.nfe_search, info.gradients)
+        return self.grids[n]
+
+
+_PILOTS: dict = {}
+
+
+def _pilots(field) -> ds.tuning.Pilots:
+    """The pilots of the tuned grids, drawn once per run (their cost is reported apart)."""
+    if id(field) not in _PILOTS:
+        started = time.perf_counter()
+        pilots = ds.tuning.draw_pilots(field, PILOTS, generator=PILOT_SEED)
+        _PILOTS[id(field)] = (pilots, time.perf_counter() - started)
+    return _PILOTS[id(field)][0]
 
 
 # ----- difsolve -------------------------------------------------------------------------------------
@@ -179,6 +225,19 @@ def ds_sde(solver, levels):
         sol = ds.solve(ds.ReverseSDE(p.field), p.y_T.clone(), SIGMA_MAX, SIGMA_MIN,
                        solver=solver, steps=levels(budget), generator=p.gen())
         return p.denoise(sol.x, sol.t), sol.stats.nfe + 1
+
+    return run
+
+
+def ds_churn(solver, levels):
+    """A 2-stage ODE sampler with churn (EDM Algorithm 2) on ``n`` levels and a last Euler step
+    to sigma 0: ``2 n - 1`` NFE, the largest ``n`` within the budget."""
+
+    def run(p: Problem, budget: int):
+        steps = torch.cat([levels((budget + 1) // 2), torch.zeros(1, dtype=F64)])
+        sol = ds.solve(ds.ProbabilityFlowODE(p.field), p.y_T.clone(), SIGMA_MAX, 0.0,
+                       solver=solver, steps=steps, generator=p.gen())
+        return sol.x, sol.stats.nfe
 
     return run
 
@@ -304,41 +363,70 @@ def df_edm(order: int):
 # ----- the rows ---------------------------------------------------------------------------------
 
 
-def samplers(quick: bool, slow_peers: bool = False):
-    p13 = GRIDS["polyexp 1.3"]
-    rows = [
-        ("difsolve", "SASolver(3, 3, tau=0.3), polyexp 1.3", ds_sde(ds.SASolver(3, 3, 0.3), p13)),
-        ("difsolve", "SASolver(2, 2, tau=0.5), polyexp 1.3", ds_sde(ds.SASolver(2, 2, 0.5), p13)),
-        ("difsolve", "SASolver(3, 3, tau=0.5, tau_range=(0.1, 80)), exponential",
-         ds_sde(ds.SASolver(3, 3, 0.5, tau_range=(0.1, 80.0)), exponential)),
-        ("difsolve", "DPMSolverSDE(2, eta=0.5), polyexp 1.3",
-         ds_sde(ds.DPMSolverSDE(2, eta=0.5), p13)),
+_TUNED: dict = {}  # name -> TunedGrid, of the field of this run
+
+
+def tuned(name: str, make_tuner, field) -> TunedGrid:
+    """The tuned grid of ``make_tuner()`` for ``field``, one per run (shared by rows)."""
+    if name not in _TUNED or _TUNED[name].field is not field:
+        _TUNED[name] = TunedGrid(name, make_tuner, field)
+    return _TUNED[name]
+
+
+def difsolve_rows(field) -> list:
+    """difsolve's rows, every stochastic sampler; the settings were chosen on seed 0 (see
+    docs/stochastic.md). "tuned UniPC(3) grid": :class:`TunedGrid` for ``UniPC(3, "bh2")``."""
+    uni3 = tuned("UniPC(3)", lambda: ds.UniPC(3, "bh2"), field)
+    return [
+        ("difsolve", "SASolver(2, 2, tau=0.3), exponential",
+         ds_sde(ds.SASolver(2, 2, 0.3), exponential)),
+        ("difsolve", "SASolver(3, 3, tau=0.3), exponential",
+         ds_sde(ds.SASolver(3, 3, 0.3), exponential)),
+        ("difsolve", "SASolver(2, 2, tau=0.3, tau_range=(0.002, 1)), tuned UniPC(3) grid",
+         ds_sde(ds.SASolver(2, 2, 0.3, tau_range=(0.002, 1.0)), uni3)),
+        ("difsolve", "SASolver(3, 3, tau=0.2), tuned UniPC(3) grid",
+         ds_sde(ds.SASolver(3, 3, 0.2), uni3)),
+        ("difsolve", "SASolver(2, 2, tau=0.5), polyexp 1.3",
+         ds_sde(ds.SASolver(2, 2, 0.5), GRIDS["polyexp 1.3"])),
         ("difsolve", "DPMSolverSDE(2, eta=0.5), polyexp 1.6",
-         ds_sde(ds.DPMSolverSDE(2, eta=0.5), poly(1.6))),
-        ("difsolve", "DPMSolverSDE(2, eta=0.3), exponential",
-         ds_sde(ds.DPMSolverSDE(2, eta=0.3), exponential)),
+         ds_sde(ds.DPMSolverSDE(2, eta=0.5), GRIDS["polyexp 1.6"])),
+        ("difsolve", "DDIM(eta=0.3), exponential", ds_sde(ds.DDIM(0.3), exponential)),
+        ("difsolve", "EDMStochasticHeun(churn=10, 0.05..50), karras (2 NFE/step)",
+         ds_churn(ds.EDMStochasticHeun(churn=10.0, s_tmin=0.05, s_tmax=50.0), karras)),
         ("difsolve", "Restart(DPMSolver(2), [0.1, 1], 1 x 5), logsnr",
          ds_restart(lambda: ds.DPMSolver(2), 0.1, 1.0, 1, 5)),
     ]
+
+
+def kdiffusion_rows() -> list:
+    """k-diffusion's stochastic samplers: euler_ancestral, dpmpp_2m_sde and dpmpp_3m_sde at every
+    eta of ``PEER_ETAS`` on every grid; dpmpp_2m_sde heun and dpmpp_sde (2 NFE per step) at
+    eta 1 on every grid (both are behind the midpoint 2M at eta 1 everywhere; not swept)."""
+    rows = []
     for grid, levels in GRIDS.items():
+        for eta in PEER_ETAS:
+            tag = "" if eta == 1 else f" eta={eta}"
+            rows += [("k-diffusion", f"{name}{tag}, {grid}",
+                      kd_sampler(f"sample_{name}", levels, eta=eta))
+                     for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")]
         rows += [
-            ("k-diffusion", f"euler_ancestral, {grid}", kd_sampler("sample_euler_ancestral",
-                                                                   levels)),
-            ("k-diffusion", f"dpmpp_2m_sde, {grid}", kd_sampler("sample_dpmpp_2m_sde", levels)),
             ("k-diffusion", f"dpmpp_2m_sde heun, {grid}", kd_sampler(
                 "sample_dpmpp_2m_sde", levels, solver_type="heun")),
-            ("k-diffusion", f"dpmpp_3m_sde, {grid}", kd_sampler("sample_dpmpp_3m_sde", levels)),
             ("k-diffusion", f"dpmpp_sde (2 NFE/step), {grid}", kd_sampler(
                 "sample_dpmpp_sde", levels, per_step=2)),
         ]
-    rows += [
-        ("diffusers", "EulerAncestralDiscrete", df_scheduler("EulerAncestralDiscreteScheduler",
-                                                             False)),
+    return rows
+
+
+def diffusers_rows(slow_peers: bool) -> list:
+    """diffusers' stochastic schedulers. Left out as exact duplicates of rows that run (equal to
+    4 digits in earlier full runs): EulerAncestralDiscrete (= k-diffusion euler_ancestral,
+    exponential), DDPM trailing (= DDIM eta 1 trailing), EDMDPMSolverMultistep sde-dpmsolver++ 2
+    (= k-diffusion dpmpp_2m_sde, karras)."""
+    rows = [
         ("diffusers", "DDIM eta=1 (trailing)", df_scheduler(
             "DDIMScheduler", True, eta=1.0, timestep_spacing="trailing", set_alpha_to_one=True,
             clip_sample=False)),
-        ("diffusers", "DDPM (trailing)", df_scheduler(
-            "DDPMScheduler", True, timestep_spacing="trailing", clip_sample=False)),
         ("diffusers", "KDPM2AncestralDiscrete karras (2 NFE/step)", df_scheduler(
             "KDPM2AncestralDiscreteScheduler", False, per_step=2, use_karras_sigmas=True)),
     ]
@@ -349,34 +437,32 @@ def samplers(quick: bool, slow_peers: bool = False):
                          df_scheduler("DPMSolverMultistepScheduler", True,
                                       algorithm_type="sde-dpmsolver++", solver_order=order,
                                       use_karras_sigmas=karras_sigmas)))
-    # EDMDPMSolverMultistepScheduler has no third-order sde-dpmsolver++ update (diffusers 0.42.1
-    # raises UnboundLocalError in multistep_dpm_solver_third_order_update): order 2 only
-    rows.append(("diffusers", "EDMDPMSolverMultistep sde-dpmsolver++ 2", df_edm(2)))
-    rows += [
-        ("diffusers", "SASolver defaults", df_scheduler("SASolverScheduler", True)),
-        ("diffusers", "SASolver karras", df_scheduler("SASolverScheduler", True,
-                                                      use_karras_sigmas=True)),
-    ]
+    for karras_sigmas in (False, True):
+        label = ", karras" if karras_sigmas else ""
+        rows.append(("diffusers", f"SASolver defaults{label}", df_scheduler(
+            "SASolverScheduler", True, use_karras_sigmas=karras_sigmas)))
+        for tau in (0.3, 0.5):  # a constant tau (the default is 1 on t in [200, 800], else 0)
+            rows.append(("diffusers", f"SASolver tau={tau}{label}", df_scheduler(
+                "SASolverScheduler", True, use_karras_sigmas=karras_sigmas,
+                tau_func=lambda t, tau=tau: tau)))
     if slow_peers:  # its torchsde Brownian tree costs ~5 s per 1000 steps x 20000 samples
         rows += [("diffusers", f"DPMSolverSDE{label} (2 NFE/step)", df_scheduler(
             "DPMSolverSDEScheduler", False, per_step=2, own_noise=True, noise_sampler_seed=1,
             use_karras_sigmas=k)) for label, k in (("", False), (" karras", True))]
-    # not peers' defaults: k-diffusion's dpmpp_2m_sde with the eta of difsolve's DPMSolverSDE rows
-    # (the same algorithm), shown for reference and left out of the best-peer comparison
-    rows += [
-        (REFERENCE, "dpmpp_2m_sde eta=0.5, polyexp 1.3", kd_sampler(
-            "sample_dpmpp_2m_sde", p13, eta=0.5)),
-        (REFERENCE, "dpmpp_2m_sde eta=0.5, polyexp 1.6", kd_sampler(
-            "sample_dpmpp_2m_sde", poly(1.6), eta=0.5)),
-        (REFERENCE, "dpmpp_2m_sde eta=0.3, exponential", kd_sampler(
-            "sample_dpmpp_2m_sde", exponential, eta=0.3)),
-    ]
+    return rows
+
+
+QUICK = ("SASolver(2, 2, tau=0.3), exponential", "SASolver(3, 3, tau=0.2), tuned UniPC(3) grid",
+         "dpmpp_2m_sde eta=0.3, exponential",
+         "dpmpp_3m_sde eta=0.3, exponential", "dpmpp_2m_sde, polyexp 1.3",
+         "euler_ancestral, karras", "SASolver tau=0.3")
+
+
+def samplers(quick: bool, slow_peers: bool = False, field=None):
+    field = field if field is not None else mixture_field()
+    rows = difsolve_rows(field) + kdiffusion_rows() + diffusers_rows(slow_peers)
     if quick:
-        keep = {"SASolver(2, 2, tau=0.5), polyexp 1.3", "DPMSolverSDE(2, eta=0.5), polyexp 1.3",
-                "dpmpp_2m_sde, exponential", "dpmpp_3m_sde, exponential",
-                "dpmpp_2m_sde, polyexp 1.3", "euler_ancestral, karras",
-                "EDMDPMSolverMultistep sde-dpmsolver++ 2"}
-        rows = [r for r in rows if r[1] in keep]
+        rows = [r for r in rows if r[1] in QUICK]
     return rows
 
 
@@ -399,8 +485,10 @@ def compare(results, floors, spreads, peers=PEERS):
             best = {}
             for side in ("difsolve", "peer"):
                 libs = ("difsolve",) if side == "difsolve" else peers
-                best[side] = min((row[k][m + 1], name) for (lib, name), row in results.items()
-                                 if lib in libs)
+                best[side] = min(((row[k][m + 1], name) for (lib, name), row in results.items()
+                                  if lib in libs), default=None)
+            if None in best.values():  # a partial run (--only) without one of the sides
+                continue
             (dv, dn), (pv, pn) = best["difsolve"], best["peer"]
             d_above, p_above = max(dv - fl, 0.0), max(pv - fl, 0.0)
             resolved = p_above > 2 * sd
@@ -425,7 +513,9 @@ def main(argv=None) -> int:
                         help="run only the rows whose name contains one of these "
                              "';'-separated strings (a partial comparison)")
     args = parser.parse_args(argv)
-    global BUDGETS
+    global BUDGETS, PILOTS, FOCUS
+    if args.quick:
+        PILOTS, FOCUS = 4096, 1024
     if args.budgets:
         BUDGETS = tuple(int(b) for b in args.budgets.split(","))
     torch.set_num_threads(1)
@@ -445,7 +535,7 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     results = {}
-    rows = samplers(args.quick, args.slow_peers)
+    rows = samplers(args.quick, args.slow_peers, p.field)
     if args.only:
         rows = [r for r in rows if any(part in r[1] for part in args.only.split(";"))]
         print(f"PARTIAL comparison: only the {len(rows)} rows matching {args.only!r}")
@@ -471,12 +561,14 @@ def main(argv=None) -> int:
         print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: difsolve {c['ds']:.4f} (+{c['ds_above']:.4f},"
               f" {c['ds_name']}) | peer {c['peer']:.4f} (+{c['peer_above']:.4f}, "
               f"{c['peer_name']}) | ratio {ratio}: {verdict}")
-    print("the same, with k-diffusion's dpmpp_2m_sde at difsolve's eta < 1 counted as a peer:")
-    for c in compare(results, (fw, fs), (sw, ss), peers=(*PEERS, REFERENCE)):
-        ratio = f"{c['ratio']:.2f}" if math.isfinite(c["ratio"]) else "-"
-        state = "met" if c["met"] else "NOT met" if c["resolved"] else "not resolved"
-        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: peer {c['peer']:.4f} ({c['peer_name']}), "
-              f"ratio {ratio}: {state}")
+    for grid in _TUNED.values():
+        for n, (secs, nfe, grads) in sorted(grid.cost.items()):
+            print(f"tuning cost, {grid.name} grid of {n} levels: {secs:.1f} s, {nfe} batched "
+                  f"evaluations (of at most {FOCUS} pilots) and {grads} gradients")
+    if _PILOTS:
+        pilots, secs = next(iter(_PILOTS.values()))
+        print(f"tuning cost, pilot reference solves (once): {secs:.1f} s, "
+              f"{pilots.nfe_reference} batched evaluations")
     if args.png:
         _plot(results, (fw, fs), (sw, ss), args.png)
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -473,6 +473,18 @@ def test_benchmark_field_is_the_exact_mixture_and_the_verdicts_follow_the_floor(
     for t in (0.01, 0.3, 1.0):
         tt = torch.full((50,), t, dtype=torch.float64)
         torch.testing.assert_close(field(x, tt), ref(x, tt), rtol=1e-9, atol=1e-9)
+    # per-row noise levels (adaptive reference solves) give the shared-level values, and the
+    # field is differentiable in the noise level (grids are tuned through it)
+    y = x.clone()
+    sig = torch.exp(torch.linspace(-6.0, 4.0, 50, dtype=torch.float64))
+    rows = torch.stack([field.denoise(y[i:i + 1], sig[i:i + 1])[0] for i in range(50)])
+    torch.testing.assert_close(field.denoise(y, sig), rows, rtol=1e-12, atol=1e-12)
+    s = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(field.denoise(y, s).sum(), s)
+    with torch.no_grad():
+        step = 1e-6
+        fd = (field.denoise(y, s + step).sum() - field.denoise(y, s - step).sum()) / (2 * step)
+    assert float(grad) == pytest.approx(float(fd), rel=1e-6)
     budgets = range(len(bench.BUDGETS))
     results = {("difsolve", "a"): [(b, 0.011, 0.10) for b in bench.BUDGETS],
                ("k-diffusion", "b"): [(b, 0.0115, 0.30) for b in bench.BUDGETS]}
