@@ -158,18 +158,24 @@ class StandardGaussianField:
         return -x / (a * a + b * b)[:, None]
 
 
-def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple]:
+def _adaptive_problem(batch: int):
+    process = ds.EDM()
+    x0 = process.prior_sample((batch, 2), generator=torch.Generator().manual_seed(0))
+    return process, StandardGaussianField(process), x0
+
+
+def _adaptive_runs(batch: int, rtol: float) -> dict:
+    """The two adaptive solves, as callables returning their results: difsolve's DPMSolver(3)
+    with its corrector under a PI controller, and torchode's Dopri5 under its PID controller,
+    both integrating the EDM probability-flow ODE of N(0, I) data in log sigma."""
     import torchode as to
 
-    process = ds.EDM()
-    field = StandardGaussianField(process)
-    x0 = process.prior_sample((batch, 2), generator=torch.Generator().manual_seed(0))
+    process, field, x0 = _adaptive_problem(batch)
     ctrl = ds.PIController(rtol=rtol, atol=rtol, pcoeff=0.3, icoeff=0.4, safety=0.8)
-    result = {}
 
     def ours():
-        result["sol"] = ds.sample(field, x_T=x0, solver=ds.DPMSolver(3, corrector=True),
-                                  controller=ctrl, denoise=False)
+        return ds.sample(field, x_T=x0, solver=ds.DPMSolver(3, corrector=True),
+                         controller=ctrl, denoise=False)
 
     ode = ds.dynamics.LogSigmaTime(ds.ProbabilityFlowODE(field))
     u0 = float(ode.to_u(torch.tensor(process.t_max)))
@@ -179,23 +185,30 @@ def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple]:
         return ode.drift(x, u)
 
     term = to.ODETerm(f)
-    step = to.Dopri5(term=term)
     controller = to.PIDController(atol=rtol, rtol=rtol, pcoeff=0.3, icoeff=0.4, dcoeff=0.0,
                                   term=term)
-    adjoint = to.AutoDiffAdjoint(step, controller)
+    adjoint = to.AutoDiffAdjoint(to.Dopri5(term=term), controller)
     t_eval = torch.tensor([[u0, u1]]).expand(batch, 2)
 
     def torchode_run():
-        result["torchode"] = adjoint.solve(to.InitialValueProblem(y0=x0, t_eval=t_eval))
+        return adjoint.solve(to.InitialValueProblem(y0=x0, t_eval=t_eval))
 
-    times = race({"ours": ours, "torchode": torchode_run}, repeats)
-    sol = result["sol"]
+    return {"ours": ours, "torchode": torchode_run}
+
+
+def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple]:
+    runs = _adaptive_runs(batch, rtol)
+    result = {}
+    times = race({name: (lambda name=name, run=run: result.__setitem__(name, run()))
+                  for name, run in runs.items()}, repeats)
+    sol = result["ours"]
     nfe = float(sol.stats.nfe_per_sample.float().mean())
     steps = float(sol.stats.steps.float().mean())
     ref = result["torchode"].stats
     t_nfe = float(ref["n_f_evals"].float().mean())
     t_steps = float(ref["n_steps"].float().mean())
     # the exact end point: x(sigma) = x_T sqrt((1 + sigma^2) / (1 + sigma_T^2)) for N(0, I) data
+    process, _, x0 = _adaptive_problem(batch)
     s0, s1 = process.sigma(torch.tensor(process.t_max)), process.sigma(torch.tensor(process.t_min))
     exact = x0 * torch.sqrt((1 + s1**2) / (1 + s0**2))
 
@@ -206,6 +219,35 @@ def adaptive(batch: int, repeats: int, rtol: float) -> dict[str, tuple]:
                                                        error(sol.x)),
             "torchode Dopri5 PID (log_sigma)": (times["torchode"], t_nfe, t_steps,
                                                 error(result["torchode"].ys[:, -1]))}
+
+
+_VIEWS = {"aten.select.int", "aten.view.default", "aten.slice.Tensor", "aten.expand.default",
+          "aten.unsqueeze.default", "aten.alias.default"}
+
+
+def op_counts(batch: int, rtol: float) -> dict[str, float]:
+    """Tensor operations (aten calls, views left out) per step of the adaptive solves of
+    :func:`adaptive`, counted by a dispatch mode: the loop's bookkeeping in units that do not
+    depend on the machine's load."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += str(func) not in _VIEWS
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    for name, run in _adaptive_runs(batch, rtol).items():
+        with Count() as count:
+            result = run()
+        steps = (float(result.stats.steps.float().max()) if name == "ours"
+                 else float(result.stats["n_steps"].float().max()))
+        out[name] = count.n / steps
+    return out
 
 
 def small_unet(steps: int, repeats: int, device: str = "cpu") -> dict[str, float]:
@@ -282,6 +324,9 @@ def main(argv=None) -> int:
     print(f"  difsolve / torchode: whole solve {ours / peer:.2f}, per step "
           f"{(ours / o_steps) / (peer / p_steps):.2f}, per evaluation "
           f"{(ours / o_nfe) / (peer / p_nfe):.2f}")
+    ops = op_counts(512, 1e-4)
+    print(f"  tensor operations per step (views left out): difsolve {ops['ours']:.0f}, "
+          f"torchode {ops['torchode']:.0f}")
     print("== small U-Net (diffusers UNet2DModel, random weights, batch 8 x 3 x 32 x 32), "
           "DPMSolver(2) fixed grid: time of ds.sample against NFE x one network call")
     unet = small_unet(10 if args.quick else 20, 2 if args.quick else 5, args.device)
