@@ -33,8 +33,7 @@ def where_rows(mask: torch.Tensor, new: tuple, old: tuple) -> tuple:
     returns ``new`` (``old``) without a pass: a CPU ``where`` is several times slower per
     element than an addition."""
     if host_reads_free(mask) and mask.numel():
-        every = mask.all()
-        if bool(every):
+        if bool(mask.all()):
             return tuple(new)
         if not bool(mask.any()):
             return tuple(old)
@@ -148,6 +147,16 @@ def all_finite(x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
     for other in more:
         zero = zero + (other - other)
     return (_by_row(zero) == 0).all(dim=1)
+
+
+def sum_is_finite(*tensors: torch.Tensor) -> bool:
+    """Whether the sum of every element of ``tensors`` is finite, read on the host (one
+    synchronisation): a sufficient test that every element is finite (an overflow of finite
+    values fails it too, so a False asks for the exact per-row test)."""
+    total = tensors[0].sum()
+    for other in tensors[1:]:
+        total = total + other.sum()
+    return math.isfinite(total.item())
 
 
 def _by_row(x: torch.Tensor) -> torch.Tensor:

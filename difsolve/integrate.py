@@ -35,7 +35,15 @@ from ._errors import (
     check_int,
     check_tensor,
 )
-from ._tensor import all_finite, as_time, bcast, host_reads_free, time_dtype, where_rows
+from ._tensor import (
+    all_finite,
+    as_time,
+    bcast,
+    host_reads_free,
+    sum_is_finite,
+    time_dtype,
+    where_rows,
+)
 from .brownian import BrownianPath
 from .conditioning import Conditioned, RowCondition
 from .control import SCHEDULES, Controller, Proposal, make_grid
@@ -398,12 +406,13 @@ class FixedRun:
         final_zero = bool(process is not None
                           and float(process.sigma(grid_t[-1].reshape(-1)[:1])[0]) == 0.0)
         ctx = problem.context(n_steps=n, final_sigma_zero=final_zero)
-        if grid_u.ndim == 1:  # a grid shared by the batch: per-grid work done once
-            ctx.plan = problem.solver.prepare(warp if warp is not None else outer, grid_u)
         save_idx = _save_indices(grid_t if grid_t.ndim == 1 else grid_t[:, 0], problem.save_t)
         # views made once, not indexed per step
-        return cls(problem, n, outer, warp, _columns(grid_t, batch), u_cols.unbind(0),
-                   h_cols.unbind(0), ctx, save_idx)
+        run = cls(problem, n, outer, warp, _columns(grid_t, batch), u_cols.unbind(0),
+                  h_cols.unbind(0), ctx, save_idx)
+        if grid_u.ndim == 1:  # a grid shared by the batch: per-grid work done once
+            ctx.plan = problem.solver.prepare(run.dynamics, grid_u)
+        return run
 
     def loop(self, x0: torch.Tensor) -> tuple[torch.Tensor, _LastGood, int, list]:
         """The steps from ``x0``: ``(x at the end, the last checked state, evaluations, saved
@@ -505,7 +514,7 @@ class _LastGood:
         return cls(alive, x, t, 0, host_check=host_reads_free(x))
 
     def update(self, x, t, step: int) -> _LastGood:
-        if self.host_check and self.intact and math.isfinite(x.sum().item()):
+        if self.host_check and self.intact and sum_is_finite(x):
             return _LastGood(self.alive, x, t, step, True)
         ok = all_finite(x) & self.alive
         steps = self.steps
@@ -565,8 +574,8 @@ class LoopState:
     nfe: torch.Tensor
     status: torch.Tensor
     done: torch.Tensor
-    #: landing tolerance per row (a step within it of its target lands on it); None: computed
-    #: from the target and the time at every step
+    #: landing tolerance per row (a step within it of its target lands on it), set once by the
+    #: loop (:func:`_landing_slack`); None in a state the loop did not build
     slack: torch.Tensor | None = None
 
     def select(self, keep: torch.Tensor) -> LoopState:
@@ -676,11 +685,8 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
         has_stop, target = None, s.end
     remaining = (target - s.t) * s.direction
     # land when the step covers what is left up to rounding (no sliver steps of a few ulps)
-    slack = s.slack
-    if slack is None:
-        slack = 64 * torch.finfo(s.t.dtype).eps * torch.maximum(target.abs(), s.t.abs())
     h_abs = s.h.abs()
-    landing = h_abs >= remaining - slack
+    landing = h_abs >= remaining - s.slack
     h_try = s.direction * torch.minimum(h_abs, remaining)
     dw = proposal = None
     if noise is not None:
@@ -720,9 +726,10 @@ def _adaptive_step(s: LoopState, dynamics, solver, controller, noise, ctx, stops
     reached = arrived & (t == s.end)
     code = decision.fault  # -1 (or None for every row): none
     if iteration + 1 >= problem.max_steps:  # (no row has taken more steps than the loop)
-        over = steps >= problem.max_steps
-        code = torch.where(over if code is None else over & (code < 0), Status.MAX_STEPS.value,
-                           _NO_FAULT if code is None else code)
+        if code is None:
+            code = torch.full_like(s.status, _NO_FAULT)
+        code = torch.where((steps >= problem.max_steps) & (code < 0), Status.MAX_STEPS.value,
+                           code)
     if code is None:  # a row finishes only by arriving (an arrived row is live)
         finished, status = reached, torch.where(reached, Status.SUCCESS.value, s.status)
     else:
@@ -750,11 +757,10 @@ def _finite_rows(x: torch.Tensor, error: torch.Tensor | None) -> tuple[torch.Ten
     finite. On the CPU a finite sum, read on the host for free, clears every row at once;
     otherwise (or where the sum is not finite, e.g. an overflow of finite values) each row is
     tested exactly."""
-    if host_reads_free(x):
-        total = x.sum() if error is None else x.sum() + error.sum()
-        if math.isfinite(total.item()):
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device), True
-    return (all_finite(x) if error is None else all_finite(x, error)), False
+    tensors = (x,) if error is None else (x, error)
+    if host_reads_free(x) and sum_is_finite(*tensors):
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device), True
+    return all_finite(*tensors), False
 
 
 def _landing_slack(t0: torch.Tensor, t1: torch.Tensor, stops) -> torch.Tensor:

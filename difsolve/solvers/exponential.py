@@ -189,9 +189,10 @@ def masked_lagrange_weights(nodes: torch.Tensor, used: torch.Tensor,
     return masked_weights(nodes.T, used.T, moments.T).T
 
 
-def masked_weights(nodes: torch.Tensor, used: torch.Tensor, moments: torch.Tensor,
+def masked_weights(nodes: torch.Tensor, used: torch.Tensor | None, moments: torch.Tensor,
                    poly: torch.Tensor | None = None) -> torch.Tensor:
-    """Node-major core of :func:`masked_lagrange_weights`: ``(k, B)`` in and out.
+    """Node-major core of :func:`masked_lagrange_weights`: ``(k, B)`` in and out (``used``
+    None: every node is used, and no mask is applied).
 
     An unused node is a node at infinity: its factor of every basis polynomial is 1. With
     ``P(v) = prod_{i used} (v - v_i)`` (its coefficients ``(k + 1, B)`` may be given),
@@ -200,10 +201,12 @@ def masked_weights(nodes: torch.Tensor, used: torch.Tensor, moments: torch.Tenso
     fast direction on every device.
     """
     (numerator,), derivative, _ = _basis_integrals(nodes, used, [moments], poly)
+    if used is None:
+        return numerator / derivative
     return torch.where(used, numerator / torch.where(used, derivative, 1.0), 0.0)
 
 
-def _basis_integrals(nodes: torch.Tensor, used: torch.Tensor, moment_sets: list,
+def _basis_integrals(nodes: torch.Tensor, used: torch.Tensor | None, moment_sets: list,
                      poly: torch.Tensor | None = None):
     """``(numerators, P'(v_j), P)``: for each moment set ``M`` (at least ``k`` rows) and every
     node ``j``, ``sum_m c_jm M_m`` with ``c_j`` the coefficients of ``P(v) / (v - v_j)`` by
@@ -249,8 +252,7 @@ def _weights_of(nodes: list, moments: torch.Tensor) -> torch.Tensor:
     """Node-major Lagrange weights ``(k, B)`` of ``nodes`` (tensors ``(B,)`` or numbers) from
     moment-major ``moments``."""
     one = torch.ones_like(moments[0])
-    v = torch.stack([n * one for n in nodes])
-    return masked_weights(v, torch.ones_like(v, dtype=torch.bool), moments)
+    return masked_weights(torch.stack([n * one for n in nodes]), None, moments)
 
 
 def marginal_log_snr(process, t: torch.Tensor):
@@ -499,8 +501,7 @@ class Multistep(Solver):
 
         m_pred = by_order(self.predictor_moments, moments[:p])
         if not self.corrector:
-            (n_pred,), derivative, _ = _basis_integrals(nodes, used, [m_pred], poly)
-            return masked(n_pred / masked(derivative, 1.0), 0.0), None
+            return masked_weights(nodes, used, m_pred, poly), None
         m_corr = by_order(self.corrector_moments, moments)
         # the corrector's nodes are h and the predictor's: L^c_j = L_j (v - h) / (v_j - h) and
         # L^c_h = P(v) / P(h), so its weights come from the same pass with shifted moments

@@ -46,20 +46,19 @@ class EulerMaruyama(Solver):
         return g if g.ndim == 1 and g.shape[0] == grid.shape[0] else None
 
     def step(self, dynamics, x, t, h, state, dw, ctx):
-        g = ctx.plan[ctx.index] if ctx.plan is not None else diffusion_term(dynamics, x, t)
-        return Step(self._update(dynamics, x, t, h, g, dw), None, (), 1)
+        return Step(self._update(dynamics, x, t, h, dw, ctx, ctx.index), None, (), 1)
 
     def advance(self, dynamics, x, state, times, steps, ctx, start, stop, dw=None):
         if stop - start != 1:  # (one increment per step: the loop passes one step at a time)
             return super().advance(dynamics, x, state, times, steps, ctx, start, stop, dw)
-        t = times[start]
-        g = ctx.plan[start] if ctx.plan is not None else diffusion_term(dynamics, x, t)
-        x_new = self._update(dynamics, x, t, steps[start], g, dw)
+        x_new = self._update(dynamics, x, times[start], steps[start], dw, ctx, start)
         return (x_new if x_new.dtype == x.dtype else x_new.to(x.dtype)), state, 1
 
     @staticmethod
-    def _update(dynamics, x, t, h, g, dw):
-        """``x + f(x, t) h + g dw``: two fused addcmul."""
+    def _update(dynamics, x, t, h, dw, ctx, index: int):
+        """``x + f(x, t) h + g dw`` (``g`` from the shared grid's plan at step ``index`` where
+        there is one): two fused addcmul."""
+        g = ctx.plan[index] if ctx.plan is not None else diffusion_term(dynamics, x, t)
         return torch.addcmul(torch.addcmul(x, bcast(h, x), dynamics.drift(x, t)), g, dw)
 
 
