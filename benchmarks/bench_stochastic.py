@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import load_k_diffusion_sampling
 
 import difsolve as ds
-from difsolve.demo import distribution_errors
+from difsolve.demo import errors_of_moments, mode_moments
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 BUDGETS = (10, 20, 50)  # --budgets replaces it
@@ -127,8 +127,11 @@ def check_field(field: DiagonalMixtureField) -> float:
 
 
 class Problem:
-    def __init__(self, n: int, seed: int):
-        self.field = mixture_field()
+    """``n`` prior draws ``y_T = 80 z`` (seed ``seed``) and the noise seed ``seed + 1000`` of
+    one evaluation (or one chunk of it), on ``field`` (default: a new :func:`mixture_field`)."""
+
+    def __init__(self, n: int, seed: int, field: DiagonalMixtureField | None = None):
+        self.field = field if field is not None else mixture_field()
         self.mixture = self.field.mixture
         self.dim = self.mixture.dim
         self.n, self.seed = n, seed
@@ -141,8 +144,21 @@ class Problem:
     def denoise(self, y, sigma):
         return self.field.denoise(y, sigma)
 
-    def errors(self, x):
-        return distribution_errors(x, self.mixture)
+    def moments(self, x):
+        return mode_moments(x, self.mixture)
+
+    def errors(self, moments):
+        return errors_of_moments(moments, self.mixture)
+
+
+CHUNK_SEED_STRIDE = 7919  # chunk c > 0 of seed s uses seed s + c * stride (c = 0: seed s itself)
+
+
+def chunks(n: int, size: int, seed: int) -> list[tuple[int, int]]:
+    """``(samples, seed)`` of each chunk of an evaluation of ``n`` samples in chunks of ``size``
+    (memory stays bounded; a run of at most ``size`` samples is one chunk with ``seed``)."""
+    count = -(-n // size)
+    return [(min(size, n - c * size), seed + c * CHUNK_SEED_STRIDE) for c in range(count)]
 
 
 # ----- noise-level grids (n levels from 80 to 0.002) ------------------------------------------------
@@ -390,6 +406,8 @@ def difsolve_rows(field) -> list:
          ds_sde(ds.SASolver(2, 2, 0.5), GRIDS["polyexp 1.3"])),
         ("difsolve", "DPMSolverSDE(2, eta=0.5), polyexp 1.6",
          ds_sde(ds.DPMSolverSDE(2, eta=0.5), GRIDS["polyexp 1.6"])),
+        ("difsolve", "DPMSolverSDE(2, eta=1, eta_range=(0.05, 80)), exponential",
+         ds_sde(ds.DPMSolverSDE(2, eta=1.0, eta_range=(0.05, 80.0)), exponential)),
         ("difsolve", "DDIM(eta=0.3), exponential", ds_sde(ds.DDIM(0.3), exponential)),
         ("difsolve", "EDMStochasticHeun(churn=10, 0.05..50), karras (2 NFE/step)",
          ds_churn(ds.EDMStochasticHeun(churn=10.0, s_tmin=0.05, s_tmax=50.0), karras)),
@@ -466,12 +484,31 @@ def samplers(quick: bool, slow_peers: bool = False, field=None):
     return rows
 
 
-def floor(p: Problem, repeats: int):
-    """Mean and standard deviation of the errors of exact draws of the same size."""
-    errs = np.array([p.errors(p.mixture.sample(p.n, torch.Generator().manual_seed(10_000 + r),
-                                               dtype=F64))
-                     for r in range(repeats)])
+def floor(p: Problem, repeats: int, parts: list[tuple[int, int]]):
+    """Mean and standard deviation of the errors of exact draws of the same size (in the same
+    chunks as the samplers)."""
+    errs = []
+    for r in range(repeats):
+        total = None
+        for c, (size, _) in enumerate(parts):
+            g = torch.Generator().manual_seed(10_000 + r + 100_000 * c)
+            m = p.moments(p.mixture.sample(size, g, dtype=F64))
+            total = m if total is None else total.merge(m)
+        errs.append(p.errors(total))
+    errs = np.array(errs)
     return errs.mean(0), errs.std(0, ddof=1)
+
+
+def evaluate(run, problems: list[Problem], budget: int):
+    """``(nfe, weight error, width error)`` of one sampler over the chunks ``problems``."""
+    total, nfe = None, 0
+    for p in problems:
+        x, nfe = run(p, budget)
+        if not bool(torch.isfinite(x).all()):
+            return nfe, math.inf, math.inf
+        m = p.moments(x)
+        total = m if total is None else total.merge(m)
+    return (nfe, *problems[0].errors(total))
 
 
 def compare(results, floors, spreads, peers=PEERS):
@@ -508,6 +545,8 @@ def main(argv=None) -> int:
                         help="prior and noise seed (the difsolve rows were chosen on seed 0)")
     parser.add_argument("--slow-peers", action="store_true",
                         help="also diffusers' DPMSolverSDEScheduler (slow: a torchsde tree)")
+    parser.add_argument("--chunk", type=int, default=1_000_000,
+                        help="samples per chunk (larger runs are evaluated chunk by chunk)")
     parser.add_argument("--budgets", default=None, help="comma-separated NFE budgets")
     parser.add_argument("--only", default=None,
                         help="run only the rows whose name contains one of these "
@@ -521,13 +560,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     n = args.samples or (20_000 if args.quick else 200_000)
-    p = Problem(n, seed=args.seed)
+    parts = chunks(n, args.chunk, args.seed)
+    field = mixture_field()
+    problems = [Problem(size, seed, field) for size, seed in parts]
+    p = problems[0]
     print(f"exact {p.dim}-D mixture of {p.mixture.n_components} narrow modes (weights "
           f"{float(p.mixture.weights.max()):.3f} .. {float(p.mixture.weights.min()):.3f}, "
-          f"std 0.02 .. 0.08) under EDM (sigma 80 -> 0.002), {n} samples, float64, seed "
+          f"std 0.02 .. 0.08) under EDM (sigma 80 -> 0.002), {n} samples"
+          f"{f' in {len(parts)} chunks' if len(parts) > 1 else ''}, float64, seed "
           f"{args.seed}; fast field vs difsolve.GaussianMixture: max rel. diff "
           f"{check_field(p.field):.1e}")
-    (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 12)
+    (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 12, parts)
     print(f"Monte-Carlo floor (errors of exact draws of {n}: mean +- sd): "
           f"weight {fw:.4f} +- {sw:.4f}, width {fs:.4f} +- {ss:.4f}")
     header = (f"{'library':<12} {'sampler':<58} " +
@@ -535,7 +578,7 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     results = {}
-    rows = samplers(args.quick, args.slow_peers, p.field)
+    rows = samplers(args.quick, args.slow_peers, field)
     if args.only:
         rows = [r for r in rows if any(part in r[1] for part in args.only.split(";"))]
         print(f"PARTIAL comparison: only the {len(rows)} rows matching {args.only!r}")
@@ -543,11 +586,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         row = []
         for b in BUDGETS:
-            x, nfe = run(p, b)
+            nfe, w, s = evaluate(run, problems, b)
             if nfe > b:
                 raise RuntimeError(f"{name} spent {nfe} > {b} evaluations")
-            ok = bool(torch.isfinite(x).all())
-            w, s = p.errors(x) if ok else (math.inf, math.inf)
             row.append((nfe, w, s))
         results[(lib, name)] = row
         cells = " ".join(f"{nfe:>4} {w:>7.4f} {s:>7.4f}" for nfe, w, s in row)

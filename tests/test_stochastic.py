@@ -493,3 +493,39 @@ def test_benchmark_field_is_the_exact_mixture_and_the_verdicts_follow_the_floor(
     weight, width = verdicts[0], verdicts[1]
     assert not weight["resolved"] and not weight["met"]  # peer 1.5 sd above: unresolved
     assert width["resolved"] and width["met"] and width["ratio"] == pytest.approx(0.2)
+
+
+def test_distribution_errors_merge_over_chunks_and_the_benchmark_evaluates_in_chunks():
+    """The mode moments of two halves merged give the errors of the whole sample (the width from
+    sums of squares equals the trace of ``torch.cov``), and the benchmark's chunked evaluation of a
+    row-independent sampler equals its evaluation on the concatenated chunks."""
+    import math
+
+    import bench_stochastic as bench
+
+    from difsolve.demo import distribution_errors, errors_of_moments, mode_moments
+
+    field = bench.mixture_field(dim=3, modes=4)
+    mix = field.mixture
+    x = mix.sample(3000, torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[:5] += 0.7  # a few stranded samples
+    merged = mode_moments(x[:1100], mix).merge(mode_moments(x[1100:], mix))
+    assert errors_of_moments(merged, mix) == pytest.approx(distribution_errors(x, mix), rel=1e-9)
+    assign = torch.cdist(x, mix.means).argmin(1)
+    rel = [math.sqrt(float(torch.trace(torch.cov(x[assign == j].T)))
+                     / float(torch.trace(mix.covs[j]))) - 1 for j in range(4)]
+    assert distribution_errors(x, mix)[1] == pytest.approx(
+        math.sqrt(sum(r * r for r in rel) / 4), rel=1e-9)
+    assert bench.chunks(2500, 1000, 1) == [(1000, 1), (1000, 1 + bench.CHUNK_SEED_STRIDE),
+                                           (500, 1 + 2 * bench.CHUNK_SEED_STRIDE)]
+    problems = [bench.Problem(size, seed, field) for size, seed in bench.chunks(2500, 1000, 1)]
+
+    def ode(p, budget):  # deterministic: rows are independent
+        sol = ds.solve(ds.ProbabilityFlowODE(p.field), p.y_T.clone(), bench.SIGMA_MAX,
+                       bench.SIGMA_MIN, solver=ds.DPMSolver(2), steps=bench.exponential(budget))
+        return p.denoise(sol.x, sol.t), sol.stats.nfe + 1
+
+    nfe, weight, width = bench.evaluate(ode, problems, 10)
+    whole = torch.cat([ode(p, 10)[0] for p in problems])
+    assert nfe == 10
+    assert (weight, width) == pytest.approx(distribution_errors(whole, mix), rel=1e-9)
