@@ -24,9 +24,11 @@ of the same cost per step (:class:`TunedGrid`: pilots drawn with their own seed,
 run, cost reported apart). The difsolve rows were chosen on seed 0; the report uses seed 1.
 
 Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
-``difsolve bench stochastic``).
+``difsolve bench stochastic``); ``--samples N --budgets 20,50 --only "row;row"`` for the larger
+partial comparisons of docs/stochastic.md. Runs of more than ``--chunk`` samples (default 1000000)
+are evaluated chunk by chunk (chunk ``c``: seed ``seed + 7919 c``), their per-mode moments merged.
 
-Expected time: full about 15 min (200000 samples, 77 samplers), --quick about 30 s (one CPU core).
+Expected time: full about 15 min (200000 samples, 78 samplers), --quick about 30 s (one CPU core).
 """
 
 from __future__ import annotations
@@ -572,9 +574,9 @@ def main(argv=None) -> int:
           f"{check_field(p.field):.1e}")
     (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 12, parts)
     print(f"Monte-Carlo floor (errors of exact draws of {n}: mean +- sd): "
-          f"weight {fw:.4f} +- {sw:.4f}, width {fs:.4f} +- {ss:.4f}")
+          f"weight {fw:.5f} +- {sw:.5f}, width {fs:.5f} +- {ss:.5f}")
     header = (f"{'library':<12} {'sampler':<58} " +
-              " ".join(f"{'NFE':>4} {'weight':>7} {'width':>7}" for _ in BUDGETS) + f" {'s':>6}")
+              " ".join(f"{'NFE':>4} {'weight':>8} {'width':>8}" for _ in BUDGETS) + f" {'s':>6}")
     print(header)
     print("-" * len(header))
     results = {}
@@ -591,7 +593,7 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"{name} spent {nfe} > {b} evaluations")
             row.append((nfe, w, s))
         results[(lib, name)] = row
-        cells = " ".join(f"{nfe:>4} {w:>7.4f} {s:>7.4f}" for nfe, w, s in row)
+        cells = " ".join(f"{nfe:>4} {w:>8.5f} {s:>8.5f}" for nfe, w, s in row)
         print(f"{lib:<12} {name:<58} {cells} {time.perf_counter() - t0:>6.1f}", flush=True)
     print()
     print("best difsolve against the best peer, error above the floor (max(error - floor mean, 0)):")
@@ -599,8 +601,8 @@ def main(argv=None) -> int:
         verdict = ("met (<= 0.5)" if c["met"] else "NOT met" if c["resolved"]
                    else "not resolved: the best peer is within 2 sd of the floor")
         ratio = f"{c['ratio']:.2f}" if math.isfinite(c["ratio"]) else "-"
-        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: difsolve {c['ds']:.4f} (+{c['ds_above']:.4f},"
-              f" {c['ds_name']}) | peer {c['peer']:.4f} (+{c['peer_above']:.4f}, "
+        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: difsolve {c['ds']:.5f} (+{c['ds_above']:.5f},"
+              f" {c['ds_name']}) | peer {c['peer']:.5f} (+{c['peer_above']:.5f}, "
               f"{c['peer_name']}) | ratio {ratio}: {verdict}")
     for grid in _TUNED.values():
         for n, (secs, nfe, grads) in sorted(grid.cost.items()):
