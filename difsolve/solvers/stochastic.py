@@ -253,6 +253,12 @@ class DPMSolverSDE(_ExponentialMultistep):
     ``-2 phi_3``). ``variant="exact"`` integrates the interpolating polynomial exactly (for 2M it is
     k-diffusion's ``solver_type="heun"``).
 
+    ``eta_range = (sigma_lo, sigma_hi)`` injects noise only on the steps that start at
+    ``sigma_lo <= sigma <= sigma_hi`` (ODE steps elsewhere). Switching it off below the data's
+    finest scale (e.g. ``(0.05, sigma_max)``, EDM's ``S_tmin``) removes the first-order noise bias
+    of the widths there while keeping the noise that commits samples to modes
+    (docs/stochastic.md).
+
     Orders (eta > 0): strong 1; weak 1 for order 1 (with ``eta = 1`` it is DDIM with ``eta = 1``,
     i.e. DDPM ancestral sampling), and for 2M / 3M weak order 2 on Gaussian data (measured, see
     tests). ``eta = 0`` is the deterministic DPM-Solver++ of the same order (ODE order 1, 2, 3 for
