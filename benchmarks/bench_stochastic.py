@@ -28,7 +28,7 @@ Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 partial comparisons of docs/stochastic.md. Runs of more than ``--chunk`` samples (default 1000000)
 are evaluated chunk by chunk (chunk ``c``: seed ``seed + 7919 c``), their per-mode moments merged.
 
-Expected time: full about 15 min (200000 samples, 78 samplers), --quick about 30 s (one CPU core).
+Expected time: full about 15 min (200000 samples, 78 samplers), --quick about 40 s (one CPU core).
 """
 
 from __future__ import annotations
@@ -473,7 +473,8 @@ def diffusers_rows(slow_peers: bool) -> list:
 
 
 QUICK = ("SASolver(2, 2, tau=0.3), exponential", "SASolver(3, 3, tau=0.2), tuned UniPC(3) grid",
-         "dpmpp_2m_sde eta=0.3, exponential",
+         "DPMSolverSDE(2, eta=1, eta_range=(0.05, 80)), exponential",
+         "dpmpp_2m_sde eta=0.3, exponential", "dpmpp_2m_sde, polyexp 1.6",
          "dpmpp_3m_sde eta=0.3, exponential", "dpmpp_2m_sde, polyexp 1.3",
          "euler_ancestral, karras", "SASolver tau=0.3")
 
