@@ -37,6 +37,7 @@ import argparse
 import math
 import sys
 import time
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import load_k_diffusion_sampling
 
 import difsolve as ds
-from difsolve.demo import errors_of_moments, mode_moments
+from difsolve.demo import ModeMoments, errors_of_moments, mode_moments
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 BUDGETS = (10, 20, 50)  # --budgets replaces it
@@ -490,28 +491,22 @@ def samplers(quick: bool, slow_peers: bool = False, field=None):
 def floor(p: Problem, repeats: int, parts: list[tuple[int, int]]):
     """Mean and standard deviation of the errors of exact draws of the same size (in the same
     chunks as the samplers)."""
-    errs = []
-    for r in range(repeats):
-        total = None
-        for c, (size, _) in enumerate(parts):
-            g = torch.Generator().manual_seed(10_000 + r + 100_000 * c)
-            m = p.moments(p.mixture.sample(size, g, dtype=F64))
-            total = m if total is None else total.merge(m)
-        errs.append(p.errors(total))
-    errs = np.array(errs)
+    errs = np.array([p.errors(reduce(ModeMoments.merge, (
+        p.moments(p.mixture.sample(size, torch.Generator().manual_seed(10_000 + r + 100_000 * c),
+                                   dtype=F64)) for c, (size, _) in enumerate(parts))))
+        for r in range(repeats)])
     return errs.mean(0), errs.std(0, ddof=1)
 
 
 def evaluate(run, problems: list[Problem], budget: int):
     """``(nfe, weight error, width error)`` of one sampler over the chunks ``problems``."""
-    total, nfe = None, 0
+    parts, nfe = [], 0
     for p in problems:
         x, nfe = run(p, budget)
         if not bool(torch.isfinite(x).all()):
             return nfe, math.inf, math.inf
-        m = p.moments(x)
-        total = m if total is None else total.merge(m)
-    return (nfe, *problems[0].errors(total))
+        parts.append(p.moments(x))
+    return (nfe, *problems[0].errors(reduce(ModeMoments.merge, parts)))
 
 
 def compare(results, floors, spreads, peers=PEERS):

@@ -27,6 +27,7 @@ from test_ode_solvers import TOL, fit_slope, gaussian_flow
 
 import difsolve as ds
 from difsolve.control import make_grid
+from difsolve.problems import GaussianFlow
 from difsolve.solvers.base import StepContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -531,17 +532,6 @@ def test_distribution_errors_merge_over_chunks_and_the_benchmark_evaluates_in_ch
     assert (weight, width) == pytest.approx(distribution_errors(whole, mix), rel=1e-9)
 
 
-class GaussianData:
-    """Exact score of ``N(0, s^2)`` data per axis (``s`` a tensor of per-axis std)."""
-
-    def __init__(self, s, process):
-        self.var, self.process = s.square(), process
-
-    def __call__(self, x, t):
-        a, b = self.process.marginal(t)
-        return -x / (a[:, None] ** 2 * self.var + b[:, None] ** 2)
-
-
 def test_eta_window_below_the_data_scale_removes_the_noise_bias_of_the_widths():
     """Gaussian data of the benchmark's mode widths (``s`` = 0.02 .. 0.05), EDM, 19 steps uniform
     in log sigma (the exact law, propagated): DPM-Solver++(2M) SDE at eta 1 widens the data by
@@ -549,13 +539,13 @@ def test_eta_window_below_the_data_scale_removes_the_noise_bias_of_the_widths():
     width error is at most a quarter of that and below the probability-flow ODE's (eta 0)."""
     proc = ds.EDM()
     s = torch.tensor([0.02, 0.035, 0.05], dtype=torch.float64)
-    field = GaussianData(s, proc)
+    gf = GaussianFlow(torch.zeros(3, dtype=torch.float64), torch.diag(s.square()), proc)
     grid = _grid(proc, "logsnr", 19)
-    exact = s.square() + proc.t_min ** 2
+    m0, P0 = gf.marginal(float(grid[0]))
+    exact = gf.marginal(float(grid[-1]))[1].diagonal()
 
     def width_error(solver):
-        _, P = scheme_law(solver, field, grid, torch.zeros(3, dtype=torch.float64),
-                          torch.diag(exact + proc.t_max ** 2 - proc.t_min ** 2))
+        _, P = scheme_law(solver, gf.field, grid, m0, P0)
         return (P.diagonal() / exact).sqrt() - 1
 
     full = width_error(ds.DPMSolverSDE(2, eta=1.0))
