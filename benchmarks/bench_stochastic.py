@@ -550,6 +550,8 @@ def main(argv=None) -> int:
                         help="run only the rows whose name contains one of these "
                              "';'-separated strings (a partial comparison)")
     args = parser.parse_args(argv)
+    if args.chunk < 1 or (args.samples is not None and args.samples < 1):
+        parser.error("--chunk and --samples must be positive")
     global BUDGETS, PILOTS, FOCUS
     if args.quick:
         PILOTS, FOCUS = 4096, 1024
