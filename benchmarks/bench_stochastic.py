@@ -405,6 +405,8 @@ def difsolve_rows(field) -> list:
          ds_sde(ds.SASolver(2, 2, 0.3, tau_range=(0.002, 1.0)), uni3)),
         ("difsolve", "SASolver(3, 3, tau=0.2), tuned UniPC(3) grid",
          ds_sde(ds.SASolver(3, 3, 0.2), uni3)),
+        ("difsolve", "SASolver(3, 3, tau=1, tau_range=(10, 80)), tuned UniPC(3) grid",
+         ds_sde(ds.SASolver(3, 3, 1.0, tau_range=(10.0, SIGMA_MAX)), uni3)),
         ("difsolve", "SASolver(2, 2, tau=0.5), polyexp 1.3",
          ds_sde(ds.SASolver(2, 2, 0.5), GRIDS["polyexp 1.3"])),
         ("difsolve", "DPMSolverSDE(2, eta=0.5), polyexp 1.6",
