@@ -16,10 +16,11 @@ for every library. Peers, in the same run and all counted: k-diffusion ``sample_
 ``sample_dpmpp_2m_sde`` heun and ``sample_dpmpp_sde`` (2 evaluations per step) at eta 1, each on
 Karras (rho 7), exponential and polyexponential (rho 1.3 and 1.6) sigmas; diffusers
 ``DDIMScheduler`` (eta 1), ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++`` 2 and 3),
-``SASolverScheduler`` (its default tau window and a constant tau 0.3 / 0.5), each with default and
-Karras sigmas, and ``KDPM2AncestralDiscreteScheduler`` (Karras), on a 1000-step discrete schedule
-whose noise levels are exactly 0.002 .. 80 geometric, each fed the exact prediction at the
-scheduler's own noise level. difsolve's rows include samplers on grids tuned for an ODE solver
+``SASolverScheduler`` (its default tau window, a constant tau 0.3 / 0.5, and tau 1 on sigma >= 10,
+the window of difsolve's 50-NFE weight row), each with default and Karras sigmas, and
+``KDPM2AncestralDiscreteScheduler`` (Karras), on a 1000-step discrete schedule whose noise
+levels are exactly 0.002 .. 80 geometric, each fed the exact prediction at the scheduler's own
+noise level. difsolve's rows include samplers on grids tuned for an ODE solver
 of the same cost per step (:class:`TunedGrid`: pilots drawn with their own seed, computed in the
 run, cost reported apart). The difsolve rows were chosen on seed 0; the report uses seed 1.
 
@@ -28,7 +29,7 @@ Run: ``python benchmarks/bench_stochastic.py [--quick] [--png PATH]`` (also
 partial comparisons of docs/stochastic.md. Runs of more than ``--chunk`` samples (default 1000000)
 are evaluated chunk by chunk (chunk ``c``: seed ``seed + 7919 c``), their per-mode moments merged.
 
-Expected time: full about 15 min (200000 samples, 78 samplers), --quick about 40 s (one CPU core).
+Expected time: full about 15 min (200000 samples, 81 samplers), --quick about 40 s (one CPU core).
 """
 
 from __future__ import annotations
@@ -318,6 +319,11 @@ def _geometric_betas(n: int = 1000) -> list[float]:
     return (1.0 - acp / prev).tolist()
 
 
+def _discrete_sigma(t: float) -> float:
+    """The noise level of timestep ``t`` of :func:`_geometric_betas`'s schedule."""
+    return SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** (t / 999)
+
+
 def df_scheduler(cls_name: str, vp_space: bool, per_step: int = 1, eta: float | None = None,
                  own_noise: bool = False, **config):
     """A discrete-time diffusers scheduler fed the exact epsilon at its own noise level
@@ -468,6 +474,10 @@ def diffusers_rows(slow_peers: bool) -> list:
             rows.append(("diffusers", f"SASolver tau={tau}{label}", df_scheduler(
                 "SASolverScheduler", True, use_karras_sigmas=karras_sigmas,
                 tau_func=lambda t, tau=tau: tau)))
+        # difsolve's 50-NFE weight row's window: tau 1 on the steps that start at sigma >= 10
+        rows.append(("diffusers", f"SASolver tau=1 for sigma >= 10{label}", df_scheduler(
+            "SASolverScheduler", True, use_karras_sigmas=karras_sigmas,
+            tau_func=lambda t: 1.0 if _discrete_sigma(float(t)) >= 10.0 else 0.0)))
     if slow_peers:  # its torchsde Brownian tree costs ~5 s per 1000 steps x 20000 samples
         rows += [("diffusers", f"DPMSolverSDE{label} (2 NFE/step)", df_scheduler(
             "DPMSolverSDEScheduler", False, per_step=2, own_noise=True, noise_sampler_seed=1,
