@@ -55,7 +55,7 @@ def settings(field) -> dict:
                 out[f"w{lo}_{grid}_e{eta}"] = bench.ds_sde(
                     ds.DPMSolverSDE(2, eta=eta, eta_range=(lo, bench.SIGMA_MAX)), grids[grid])
     for grid in ("exponential", "tuned"):
-        for tau in (0.2, 0.3, 0.5, 0.7, 1.0):
+        for tau in (0.0, 0.2, 0.3, 0.5, 0.7, 1.0):  # tau 0: SA-Solver's ODE
             for hi in (0.2, 0.3, 0.5, 1.0, bench.SIGMA_MAX):
                 out[f"sa{tau}_w{hi:g}_{grid}"] = bench.ds_sde(
                     ds.SASolver(3, 3, tau, tau_range=(bench.SIGMA_MIN, hi)), grids[grid])

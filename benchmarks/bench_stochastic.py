@@ -486,6 +486,7 @@ def diffusers_rows(slow_peers: bool) -> list:
 
 
 QUICK = ("SASolver(2, 2, tau=0.3), exponential", "SASolver(3, 3, tau=0.2), tuned UniPC(3) grid",
+         "SASolver(3, 3, tau=1, tau_range=(10, 80)), tuned UniPC(3) grid",
          "DPMSolverSDE(2, eta=1, eta_range=(0.05, 80)), exponential",
          "dpmpp_2m_sde eta=0.3, exponential", "dpmpp_2m_sde, polyexp 1.6",
          "dpmpp_3m_sde eta=0.3, exponential", "dpmpp_2m_sde, polyexp 1.3",

@@ -290,7 +290,11 @@ class SASolver(_ExponentialMultistep):
     evaluation at the predicted point is reused by the next step, so it costs 1 field evaluation
     per step (the last step of a fixed grid skips the corrector, as UniPC does). ``tau_range =
     (sigma_lo, sigma_hi)`` injects noise only where ``sigma_lo <= sigma <= sigma_hi`` (ODE steps
-    elsewhere; the paper and diffusers use such a window).
+    elsewhere; the paper and diffusers use such a window). A window at high noise (``tau = 1`` from
+    well above the data's scale up to ``sigma_max``) removes the bias that starting from
+    ``N(0, sigma_max^2 I)`` instead of the exact marginal leaves in the result: the reverse SDE
+    contracts the start's offset like ``(sigma / sigma_max)^eta``, the ODE keeps it
+    (docs/stochastic.md).
 
     Orders: strong 1 (eta > 0); weak order 2 on Gaussian data with the corrector (measured); with
     ``tau = 0`` it is a deterministic predictor-corrector of order ``corrector_order`` (the
