@@ -1,12 +1,14 @@
 """The seed-0 selections of the windowed rows of bench_stochastic (docs/stochastic.md).
 
-Two families of settings:
+The settings:
 
 - ``w{lo}_{grid}_e{eta}``: DPM-Solver++(2M) SDE (reference) with noise only on the steps that
   start at sigma >= ``lo``, on four grids, at eta 0.5 / 0.7 / 1 (the width row);
 - ``sa{tau}_w{hi}_{grid}``: SA-Solver(3, 3) with noise only on the steps that start at
   sigma <= ``hi``, and ``sa1.0_from{lo}_{grid}``: tau 1 on the steps that start at
-  sigma >= ``lo``, on the exponential grid and the tuned UniPC(3) grid (the 50-NFE weight row).
+  sigma >= ``lo``, on the exponential grid and the tuned UniPC(3) grid (the 50-NFE weight row);
+  ``df_sa_tau0[_karras]``: diffusers' SA-Solver at tau 0 (its ODE), for the comparison with the
+  ODE below.
 
 For each it prints the distribution errors of bench_stochastic, the number of samples with a
 squared Mahalanobis distance above 40 to their nearest mode (stranded; exact draws: about 2 per
@@ -62,6 +64,9 @@ def settings(field) -> dict:
         for lo in (1.0, 2.0, 5.0, 10.0, 20.0):
             out[f"sa1.0_from{lo:g}_{grid}"] = bench.ds_sde(
                 ds.SASolver(3, 3, 1.0, tau_range=(lo, bench.SIGMA_MAX)), grids[grid])
+    for label, karras_sigmas in (("", False), ("_karras", True)):  # diffusers' SA-Solver ODE
+        out[f"df_sa_tau0{label}"] = bench.df_scheduler(
+            "SASolverScheduler", True, use_karras_sigmas=karras_sigmas, tau_func=lambda t: 0.0)
     return out
 
 
