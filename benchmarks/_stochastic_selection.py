@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_stochastic as bench
 
 import difsolve as ds
+from difsolve.demo import nearest_mode
 
 
 def settings(field) -> dict:
@@ -75,7 +76,14 @@ def ode_reference(p: bench.Problem, steps: int) -> torch.Tensor:
     draws in ``steps`` exponential steps (and the final denoise)."""
     sol = ds.solve(ds.ProbabilityFlowODE(p.field), p.y_T.clone(), bench.SIGMA_MAX,
                    bench.SIGMA_MIN, solver=ds.UniPC(3, "bh2"), steps=bench.exponential(steps))
-    return torch.cdist(p.denoise(sol.x, sol.t), p.mixture.means).argmin(1)
+    return nearest_mode(p.denoise(sol.x, sol.t), p.mixture)
+
+
+def selected(table: dict, patterns: str):
+    """The ``(name, run)`` items of ``table`` whose name matches one of the ';'-separated
+    fnmatch ``patterns``."""
+    return [(name, run) for name, run in table.items()
+            if any(fnmatch.fnmatch(name, pat) for pat in patterns.split(";"))]
 
 
 def chunked(args) -> int:
@@ -83,12 +91,11 @@ def chunked(args) -> int:
     field = bench.mixture_field()
     problems = [bench.Problem(size, seed, field)
                 for size, seed in bench.chunks(args.samples, args.chunk, args.seed)]
-    for name, run in settings(field).items():
-        if any(fnmatch.fnmatch(name, pat) for pat in args.patterns.split(";")):
-            started = time.perf_counter()
-            spent, weight, width = bench.evaluate(run, problems, args.nfe)
-            print(f"{name:<32} NFE {spent:>3} weight {weight:.5f} width {width:.5f} "
-                  f"({len(problems)} chunks) {time.perf_counter() - started:.1f} s", flush=True)
+    for name, run in selected(settings(field), args.patterns):
+        started = time.perf_counter()
+        spent, weight, width = bench.evaluate(run, problems, args.nfe)
+        print(f"{name:<32} NFE {spent:>3} weight {weight:.5f} width {width:.5f} "
+              f"({len(problems)} chunks) {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 
 
@@ -136,13 +143,11 @@ def main(argv: list[str]) -> int:
               f"mismatch moves a mode's weight by up to "
               f"{float((f_ref - f_exact_prior).abs().max()):.5f} "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-    for name, run in settings(p.field).items():
-        if not any(fnmatch.fnmatch(name, pat) for pat in args.patterns.split(";")):
-            continue
+    for name, run in selected(settings(p.field), args.patterns):
         started = time.perf_counter()
         x, spent = run(p, args.nfe)
         weight, width = p.errors(p.moments(x))
-        assign = torch.cdist(x, p.mixture.means).argmin(1)
+        assign = nearest_mode(x, p.mixture)
         m2 = ((x - p.mixture.means[assign]).square() / p.field.vars[assign]).sum(1)
         crn = ""
         if reference is not None:

@@ -311,17 +311,15 @@ def kd_sampler(name: str, levels, per_step: int = 1, **kw):
 # ----- diffusers --------------------------------------------------------------------------------
 
 
-def _geometric_betas(n: int = 1000) -> list[float]:
-    """Betas whose ``alphas_cumprod`` give noise levels exactly geometric from 0.002 to 80."""
-    sig = np.exp(np.linspace(np.log(SIGMA_MIN), np.log(SIGMA_MAX), n))
-    acp = 1.0 / (1.0 + sig**2)
+# the noise levels of the diffusers peers' 1000 discrete timesteps: exactly geometric, 0.002 .. 80
+DISCRETE_SIGMAS = np.exp(np.linspace(np.log(SIGMA_MIN), np.log(SIGMA_MAX), 1000))
+
+
+def _geometric_betas() -> list[float]:
+    """Betas whose ``alphas_cumprod`` give the noise levels ``DISCRETE_SIGMAS``."""
+    acp = 1.0 / (1.0 + DISCRETE_SIGMAS**2)
     prev = np.concatenate([[1.0], acp[:-1]])
     return (1.0 - acp / prev).tolist()
-
-
-def _discrete_sigma(t: float) -> float:
-    """The noise level of timestep ``t`` of :func:`_geometric_betas`'s schedule."""
-    return SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** (t / 999)
 
 
 def df_scheduler(cls_name: str, vp_space: bool, per_step: int = 1, eta: float | None = None,
@@ -477,7 +475,7 @@ def diffusers_rows(slow_peers: bool) -> list:
         # difsolve's 50-NFE weight row's window: tau 1 on the steps that start at sigma >= 10
         rows.append(("diffusers", f"SASolver tau=1 for sigma >= 10{label}", df_scheduler(
             "SASolverScheduler", True, use_karras_sigmas=karras_sigmas,
-            tau_func=lambda t: 1.0 if _discrete_sigma(float(t)) >= 10.0 else 0.0)))
+            tau_func=lambda t: 1.0 if DISCRETE_SIGMAS[int(t)] >= 10.0 else 0.0)))
     if slow_peers:  # its torchsde Brownian tree costs ~5 s per 1000 steps x 20000 samples
         rows += [("diffusers", f"DPMSolverSDE{label} (2 NFE/step)", df_scheduler(
             "DPMSolverSDEScheduler", False, per_step=2, own_noise=True, noise_sampler_seed=1,

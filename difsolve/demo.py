@@ -58,12 +58,17 @@ class ModeMoments(NamedTuple):
         return ModeMoments(*(a + b for a, b in zip(self, other)))
 
 
-def mode_moments(x: torch.Tensor, mixture: GaussianMixture) -> ModeMoments:
-    """The :class:`ModeMoments` of samples ``x``, each assigned to its nearest mode mean."""
+def nearest_mode(x: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
+    """Index of the mode mean nearest to each sample of ``x`` (flattened per sample)."""
     x = x.to(torch.float64).reshape(x.shape[0], -1)
-    means = mixture.means.to(device=x.device, dtype=torch.float64)
-    assign = torch.cdist(x, means).argmin(dim=1)
-    k = means.shape[0]
+    return torch.cdist(x, mixture.means.to(device=x.device, dtype=torch.float64)).argmin(dim=1)
+
+
+def mode_moments(x: torch.Tensor, mixture: GaussianMixture) -> ModeMoments:
+    """The :class:`ModeMoments` of samples ``x``, each assigned to its :func:`nearest_mode`."""
+    x = x.to(torch.float64).reshape(x.shape[0], -1)
+    assign = nearest_mode(x, mixture)
+    k = mixture.means.shape[0]
     counts = torch.bincount(assign, minlength=k).to(torch.float64)
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(
         0, assign, x)
