@@ -556,6 +556,9 @@ def main(argv=None) -> int:
                         help="also diffusers' DPMSolverSDEScheduler (slow: a torchsde tree)")
     parser.add_argument("--chunk", type=int, default=1_000_000,
                         help="samples per chunk (larger runs are evaluated chunk by chunk)")
+    parser.add_argument("--floor-repeats", type=int, default=None,
+                        help="exact-draw repeats of the Monte-Carlo floor (default 12, --quick 4; "
+                             "repeat r is the same in every run of the same size and chunks)")
     parser.add_argument("--budgets", default=None, help="comma-separated NFE budgets")
     parser.add_argument("--only", default=None,
                         help="run only the rows whose name contains one of these "
@@ -563,6 +566,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.chunk < 1 or (args.samples is not None and args.samples < 1):
         parser.error("--chunk and --samples must be positive")
+    repeats = args.floor_repeats or (4 if args.quick else 12)
+    if repeats < 2:
+        parser.error("--floor-repeats must be at least 2 (the floor's sd)")
     global BUDGETS, PILOTS, FOCUS
     if args.quick:
         PILOTS, FOCUS = 4096, 1024
@@ -581,8 +587,8 @@ def main(argv=None) -> int:
           f"{f' in {len(parts)} chunks' if len(parts) > 1 else ''}, float64, seed "
           f"{args.seed}; fast field vs difsolve.GaussianMixture: max rel. diff "
           f"{check_field(p.field):.1e}")
-    (fw, fs), (sw, ss) = floor(p, 4 if args.quick else 12, parts)
-    print(f"Monte-Carlo floor (errors of exact draws of {n}: mean +- sd): "
+    (fw, fs), (sw, ss) = floor(p, repeats, parts)
+    print(f"Monte-Carlo floor (errors of {repeats} x {n} exact draws: mean +- sd): "
           f"weight {fw:.5f} +- {sw:.5f}, width {fs:.5f} +- {ss:.5f}")
     header = (f"{'library':<12} {'sampler':<58} " +
               " ".join(f"{'NFE':>4} {'weight':>8} {'width':>8}" for _ in BUDGETS) + f" {'s':>6}")
