@@ -559,6 +559,9 @@ def main(argv=None) -> int:
     parser.add_argument("--floor-repeats", type=int, default=None,
                         help="exact-draw repeats of the Monte-Carlo floor (default 12, --quick 4; "
                              "repeat r is the same in every run of the same size and chunks)")
+    parser.add_argument("--digits", type=int, default=5,
+                        help="decimals of the printed errors and floor (separate runs of a "
+                             "comparison are combined from these)")
     parser.add_argument("--budgets", default=None, help="comma-separated NFE budgets")
     parser.add_argument("--only", default=None,
                         help="run only the rows whose name contains one of these "
@@ -566,7 +569,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.chunk < 1 or (args.samples is not None and args.samples < 1):
         parser.error("--chunk and --samples must be positive")
-    repeats = args.floor_repeats or (4 if args.quick else 12)
+    repeats, dg = args.floor_repeats or (4 if args.quick else 12), args.digits
     if repeats < 2:
         parser.error("--floor-repeats must be at least 2 (the floor's sd)")
     global BUDGETS, PILOTS, FOCUS
@@ -589,7 +592,7 @@ def main(argv=None) -> int:
           f"{check_field(p.field):.1e}")
     (fw, fs), (sw, ss) = floor(p, repeats, parts)
     print(f"Monte-Carlo floor (errors of {repeats} x {n} exact draws: mean +- sd): "
-          f"weight {fw:.5f} +- {sw:.5f}, width {fs:.5f} +- {ss:.5f}")
+          f"weight {fw:.{dg}f} +- {sw:.{dg}f}, width {fs:.{dg}f} +- {ss:.{dg}f}")
     header = (f"{'library':<12} {'sampler':<58} " +
               " ".join(f"{'NFE':>4} {'weight':>8} {'width':>8}" for _ in BUDGETS) + f" {'s':>6}")
     print(header)
@@ -608,7 +611,7 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"{name} spent {nfe} > {b} evaluations")
             row.append((nfe, w, s))
         results[(lib, name)] = row
-        cells = " ".join(f"{nfe:>4} {w:>8.5f} {s:>8.5f}" for nfe, w, s in row)
+        cells = " ".join(f"{nfe:>4} {w:>{dg + 3}.{dg}f} {s:>{dg + 3}.{dg}f}" for nfe, w, s in row)
         print(f"{lib:<12} {name:<58} {cells} {time.perf_counter() - t0:>6.1f}", flush=True)
     print()
     print("best difsolve against the best peer, error above the floor (max(error - floor mean, 0)):")
