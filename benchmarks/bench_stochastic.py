@@ -569,9 +569,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.chunk < 1 or (args.samples is not None and args.samples < 1):
         parser.error("--chunk and --samples must be positive")
-    repeats, dg = args.floor_repeats or (4 if args.quick else 12), args.digits
+    repeats = args.floor_repeats if args.floor_repeats is not None else 4 if args.quick else 12
     if repeats < 2:
         parser.error("--floor-repeats must be at least 2 (the floor's sd)")
+    dg = args.digits
+    if dg < 1:
+        parser.error("--digits must be positive")
     global BUDGETS, PILOTS, FOCUS
     if args.quick:
         PILOTS, FOCUS = 4096, 1024
@@ -593,8 +596,9 @@ def main(argv=None) -> int:
     (fw, fs), (sw, ss) = floor(p, repeats, parts)
     print(f"Monte-Carlo floor (errors of {repeats} x {n} exact draws: mean +- sd): "
           f"weight {fw:.{dg}f} +- {sw:.{dg}f}, width {fs:.{dg}f} +- {ss:.{dg}f}")
-    header = (f"{'library':<12} {'sampler':<58} " +
-              " ".join(f"{'NFE':>4} {'weight':>8} {'width':>8}" for _ in BUDGETS) + f" {'s':>6}")
+    cell = dg + 3  # width of a printed error
+    header = (f"{'library':<12} {'sampler':<58} " + " ".join(
+        f"{'NFE':>4} {'weight':>{cell}} {'width':>{cell}}" for _ in BUDGETS) + f" {'s':>6}")
     print(header)
     print("-" * len(header))
     results = {}
@@ -611,7 +615,7 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"{name} spent {nfe} > {b} evaluations")
             row.append((nfe, w, s))
         results[(lib, name)] = row
-        cells = " ".join(f"{nfe:>4} {w:>{dg + 3}.{dg}f} {s:>{dg + 3}.{dg}f}" for nfe, w, s in row)
+        cells = " ".join(f"{nfe:>4} {w:>{cell}.{dg}f} {s:>{cell}.{dg}f}" for nfe, w, s in row)
         print(f"{lib:<12} {name:<58} {cells} {time.perf_counter() - t0:>6.1f}", flush=True)
     print()
     print("best difsolve against the best peer, error above the floor (max(error - floor mean, 0)):")
@@ -619,9 +623,9 @@ def main(argv=None) -> int:
         verdict = ("met (<= 0.5)" if c["met"] else "NOT met" if c["resolved"]
                    else "not resolved: the best peer is within 2 sd of the floor")
         ratio = f"{c['ratio']:.2f}" if math.isfinite(c["ratio"]) else "-"
-        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: difsolve {c['ds']:.5f} (+{c['ds_above']:.5f},"
-              f" {c['ds_name']}) | peer {c['peer']:.5f} (+{c['peer_above']:.5f}, "
-              f"{c['peer_name']}) | ratio {ratio}: {verdict}")
+        print(f"  {c['nfe']:>3} NFE {c['metric']:<6}: difsolve {c['ds']:.{dg}f} "
+              f"(+{c['ds_above']:.{dg}f}, {c['ds_name']}) | peer {c['peer']:.{dg}f} "
+              f"(+{c['peer_above']:.{dg}f}, {c['peer_name']}) | ratio {ratio}: {verdict}")
     for grid in _TUNED.values():
         for n, (secs, nfe, grads) in sorted(grid.cost.items()):
             print(f"tuning cost, {grid.name} grid of {n} levels: {secs:.1f} s, {nfe} batched "
